@@ -1,0 +1,29 @@
+"""hf_spec: speculative decoding inside Hugging Face ``generate()``.
+
+    import hf_spec
+    out = model.generate(**inputs, assistant_model=hf_spec.PromptLookupDrafter(), max_new_tokens=128)
+"""
+
+from .drafters.base import DraftRequest, Drafter
+from .drafters.draft_model import DraftModelDrafter
+from .drafters.prompt_lookup import PromptLookupDrafter
+from .engine.loop import allow_model_type, speculative_generate
+from .engine.stats import GenerationStats
+from .engine.tree import DraftTree
+from .errors import UnsupportedError
+from .integration import install as _install
+
+_install()
+
+__all__ = [
+    "DraftModelDrafter",
+    "DraftRequest",
+    "DraftTree",
+    "Drafter",
+    "GenerationStats",
+    "PromptLookupDrafter",
+    "UnsupportedError",
+    "allow_model_type",
+    "speculative_generate",
+]
+__version__ = "0.1.0"

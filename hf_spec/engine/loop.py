@@ -1,0 +1,177 @@
+"""The speculative decoding loop, in the shape of a transformers ``custom_generate`` callable.
+
+One step: the drafter proposes a tree below the last committed token; the target runs once over
+the root and every draft node; a verification rule walks the tree with the target's processed
+distributions; the cache keeps the accepted path; the accepted tokens plus one target token are
+committed one by one through the stopping criteria and the streamer, as plain decoding would.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from ..drafters.base import DraftRequest, Drafter
+from ..errors import UnsupportedError
+from .cache import check_cache_supported, keep_block_rows
+from .target import forward_tree, prefill, process_block_scores
+from .tree import DraftTree
+from .verify import Verdict, verify_greedy, verify_rejection_sampling
+
+# Architectures whose tree attention (4D mask + position ids through the public forward) is tested.
+SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "gemma3_text"}
+_FORWARD_KWARGS_WE_REBUILD = {"attention_mask", "position_ids", "past_key_values", "use_cache",
+                              "logits_to_keep", "cache_position"}
+
+
+def allow_model_type(model_type: str) -> None:
+    """Opt an untested decoder-only architecture in (its forward must accept 4D masks and position ids)."""
+    SUPPORTED_MODEL_TYPES.add(model_type)
+
+
+def speculative_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    drafter: Drafter | None = None,
+    verification: str = "auto",
+    hf_spec_streamer=None,
+    **model_kwargs,
+):
+    """Speculative decoding with ``drafter``; use as ``model.generate(custom_generate=speculative_generate, drafter=...)``.
+
+    After ``import hf_spec``, ``model.generate(assistant_model=drafter)`` routes here too (and
+    passes the streamer as ``hf_spec_streamer``). ``verification`` is ``"auto"`` (greedy when
+    ``do_sample=False``, rejection sampling otherwise), ``"greedy"`` or ``"rejection_sampling"``.
+    Per-call statistics land in ``drafter.stats``.
+    """
+    verify = _choose_verification(verification, generation_config)
+    _check_request(model, input_ids, generation_config, drafter, model_kwargs)
+    cache = model_kwargs["past_key_values"]
+    check_cache_supported(cache, generation_config.max_length)
+    drafter.begin(model, input_ids, generation_config, logits_processor)
+    stats = drafter.stats
+    streamer = hf_spec_streamer
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    keep_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+    keep_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+    scores, raw_logits = [], []
+    want_hidden = drafter.needs_target_hidden_states
+    last_hidden = prefill(model, cache, input_ids, want_hidden)
+
+    finished = False
+    while not finished:
+        remaining = generation_config.max_length - input_ids.shape[1]
+        tree = drafter.propose(DraftRequest(input_ids, max(remaining - 1, 0), last_hidden))
+        tree = _fit_to_cache(tree, cache)
+        block_start = cache.get_seq_length()
+        forward = forward_tree(model, cache, input_ids[0, -1], tree, want_hidden)
+        block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
+        verdict = verify(tree, block_scores)
+        keep_block_rows(cache, block_start, verdict.block_rows)
+        drafter.observe(tree, len(verdict.accepted_nodes))
+
+        new_tokens = [tree.token_list[node] for node in verdict.accepted_nodes] + [verdict.next_token]
+        emitted = 0
+        for token, row in zip(new_tokens, verdict.block_rows):
+            input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+            emitted += 1
+            if keep_scores:
+                scores.append(block_scores[row : row + 1])
+            if keep_logits:
+                raw_logits.append(forward.logits[row : row + 1].float())
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if stopping_criteria(input_ids, block_scores[row : row + 1]).any():
+                finished = True
+                # As in plain decoding, the cache holds every token but the last one.
+                keep_block_rows(cache, block_start, verdict.block_rows[:emitted])
+                break
+        stats.record_step(tree.num_nodes, len(verdict.accepted_nodes), emitted)
+        if want_hidden:
+            last_hidden = forward.hidden_states[verdict.block_rows[-1]]
+
+    if streamer is not None:
+        streamer.end()
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=tuple(scores) if keep_scores else None,
+            logits=tuple(raw_logits) if keep_logits else None,
+            past_key_values=cache,
+        )
+    return input_ids
+
+
+def _verify_sampling(tree: DraftTree, block_scores: torch.Tensor) -> Verdict:
+    return verify_rejection_sampling(tree, torch.softmax(block_scores, dim=-1))
+
+
+def _choose_verification(verification: str, generation_config):
+    sampling = bool(generation_config.do_sample)
+    if verification == "auto":
+        return _verify_sampling if sampling else verify_greedy
+    if verification == "greedy":
+        if sampling:
+            raise UnsupportedError(
+                "verification='greedy' with do_sample=True would not follow the target's distribution; "
+                "use verification='auto' or 'rejection_sampling', or set do_sample=False."
+            )
+        return verify_greedy
+    if verification == "rejection_sampling":
+        if not sampling:
+            raise UnsupportedError("verification='rejection_sampling' needs do_sample=True.")
+        return _verify_sampling
+    raise UnsupportedError(
+        f"Unknown verification={verification!r}; choose 'auto', 'greedy' or 'rejection_sampling'."
+    )
+
+
+def _fit_to_cache(tree: DraftTree, cache) -> DraftTree:
+    """Drop trailing nodes that would push a sliding-window layer past its window (lossless: parents come first)."""
+    windows = [layer.sliding_window for layer in cache.layers if hasattr(layer, "sliding_window")]
+    if not windows:
+        return tree
+    room = min(windows) - 2 - cache.get_seq_length()
+    return tree if tree.num_nodes <= room else tree.truncated(max(room, 0))
+
+
+def _check_request(model, input_ids, generation_config, drafter, model_kwargs) -> None:
+    if not isinstance(drafter, Drafter):
+        raise UnsupportedError(
+            "speculative_generate needs `drafter=` an hf_spec Drafter (e.g. hf_spec.PromptLookupDrafter()), "
+            f"got {type(drafter).__name__}."
+        )
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedError("hf_spec supports decoder-only models; encoder-decoder models are not supported.")
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedError(
+            f"Model type {config.model_type!r} is not validated with hf_spec's tree attention (supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}). If its forward accepts a 4D attention mask and position ids, "
+            f"opt in with hf_spec.allow_model_type({config.model_type!r}); otherwise use plain generate()."
+        )
+    if input_ids.shape[0] != 1:
+        raise UnsupportedError(
+            f"hf_spec decodes one sequence at a time for now (got batch size {input_ids.shape[0]}); "
+            "call generate() per prompt, or use plain generate() for batches."
+        )
+    if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
+        raise UnsupportedError("hf_spec does not support beam search or num_return_sequences > 1.")
+    if generation_config.output_attentions or generation_config.output_hidden_states:
+        raise UnsupportedError(
+            "hf_spec cannot return attentions or hidden states (the target runs on whole draft trees); "
+            "drop output_attentions / output_hidden_states."
+        )
+    if not generation_config.use_cache:
+        raise UnsupportedError("Speculative decoding needs the KV cache; remove use_cache=False.")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise UnsupportedError("hf_spec does not support padded inputs (attention_mask with zeros) yet.")
+    unexpected = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _FORWARD_KWARGS_WE_REBUILD)
+    if unexpected:
+        raise UnsupportedError(f"hf_spec does not support these model inputs: {unexpected}.")
