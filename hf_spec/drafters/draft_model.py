@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..engine.cache import check_cache_supported
 from ..engine.tree import DraftTree
 from ..errors import UnsupportedError
 from .base import DraftRequest, Drafter
@@ -65,6 +66,7 @@ class DraftModelDrafter(Drafter):
             )
         self.num_tokens = self.initial_num_tokens
         self._cache = DynamicCache(config=self.draft_model.config)
+        check_cache_supported(self._cache, generation_config.max_length + self.max_num_tokens)
         self._cached_ids = input_ids.new_empty(0)
 
     def propose(self, request: DraftRequest) -> DraftTree:
@@ -121,7 +123,8 @@ class DraftModelDrafter(Drafter):
         mismatch = (cached[:common] != ids[:common]).nonzero()
         if mismatch.numel():
             common = int(mismatch[0])
-        self._cache.crop(common - self._cache.get_seq_length())
+        if self._cache.get_seq_length() > common:
+            self._cache.crop(common - self._cache.get_seq_length())
         self._cached_ids = ids[:common]
         return self._run_draft(ids[common:])
 

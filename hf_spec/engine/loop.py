@@ -72,8 +72,6 @@ def speculative_generate(
         forward = forward_tree(model, cache, input_ids[0, -1], tree, want_hidden)
         block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
         verdict = verify(tree, block_scores)
-        keep_block_rows(cache, block_start, verdict.block_rows)
-        drafter.observe(tree, len(verdict.accepted_nodes))
 
         new_tokens = [tree.token_list[node] for node in verdict.accepted_nodes] + [verdict.next_token]
         emitted = 0
@@ -88,9 +86,10 @@ def speculative_generate(
                 streamer.put(torch.tensor([token]))
             if stopping_criteria(input_ids, block_scores[row : row + 1]).any():
                 finished = True
-                # As in plain decoding, the cache holds every token but the last one.
-                keep_block_rows(cache, block_start, verdict.block_rows[:emitted])
                 break
+        # As in plain decoding, the cache holds every committed token but the last one.
+        keep_block_rows(cache, block_start, verdict.block_rows[:emitted])
+        drafter.observe(tree, len(verdict.accepted_nodes))
         stats.record_step(tree.num_nodes, len(verdict.accepted_nodes), emitted)
         if want_hidden:
             last_hidden = forward.hidden_states[verdict.block_rows[-1]]
@@ -155,13 +154,13 @@ def _check_request(model, input_ids, generation_config, drafter, model_kwargs) -
             f"{sorted(SUPPORTED_MODEL_TYPES)}). If its forward accepts a 4D attention mask and position ids, "
             f"opt in with hf_spec.allow_model_type({config.model_type!r}); otherwise use plain generate()."
         )
+    if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
+        raise UnsupportedError("hf_spec does not support beam search or num_return_sequences > 1.")
     if input_ids.shape[0] != 1:
         raise UnsupportedError(
             f"hf_spec decodes one sequence at a time for now (got batch size {input_ids.shape[0]}); "
             "call generate() per prompt, or use plain generate() for batches."
         )
-    if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
-        raise UnsupportedError("hf_spec does not support beam search or num_return_sequences > 1.")
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise UnsupportedError(
             "hf_spec cannot return attentions or hidden states (the target runs on whole draft trees); "

@@ -41,6 +41,8 @@ class DraftTree:
                 f"DraftTree needs 1-D tokens and parents of equal length, got {tuple(self.tokens.shape)} "
                 f"and {tuple(self.parents.shape)}."
             )
+        if self.tokens.dtype != torch.long or self.parents.dtype != torch.long:
+            raise ValueError(f"DraftTree tokens and parents must be torch.long, got {self.tokens.dtype} and {self.parents.dtype}.")
         parent_list = self.parents.tolist()
         for index, parent in enumerate(parent_list):
             if not -1 <= parent < index:
@@ -91,6 +93,8 @@ class DraftTree:
 
     def truncated(self, num_nodes: int) -> DraftTree:
         """The first ``num_nodes`` nodes: still a tree, since parents precede their children."""
+        if num_nodes < 0:
+            raise ValueError(f"num_nodes must be >= 0, got {num_nodes}.")
         probs = None if self.draft_probs is None else self.draft_probs[:num_nodes]
         return DraftTree(self.tokens[:num_nodes], self.parents[:num_nodes], probs)
 

@@ -1,0 +1,74 @@
+"""The real SmolLM2-135M-Instruct: every drafter is token-identical to plain greedy generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_spec
+from hf_spec.demo import DEMO_PROMPTS
+from hf_spec.drafters.early_exit import early_exit_model
+from tests.identity import assert_greedy_identical
+
+pytestmark = pytest.mark.real_model
+MAX_NEW = 48
+
+
+def chat(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2):
+    model, tokenizer = smollm2
+    prompts = [chat(tokenizer, DEMO_PROMPTS[0]), chat(tokenizer, DEMO_PROMPTS[2])]
+    expected = [model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False) for ids in prompts]
+    return model, tokenizer, prompts, expected
+
+
+DRAFTERS = {
+    "lookup-chain": lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8),
+    "lookup-tree": lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8, max_candidates=4),
+    "early-exit-chain": lambda model: hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=4),
+    "early-exit-topk-tree": lambda model: hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=4, top_k=3),
+    "self-draft-chain": lambda model: hf_spec.DraftModelDrafter(model, num_tokens=4),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_greedy_identity_on_real_prompts(setup, name):
+    model, _, prompts, expected = setup
+    drafter = DRAFTERS[name](model)
+    for ids, reference in zip(prompts, expected):
+        got = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
+        assert_greedy_identical(model, reference, got)
+    if name == "self-draft-chain":
+        assert drafter.stats.accepted_tokens == drafter.stats.drafted_tokens  # the target drafting for itself
+
+
+def test_input_grounded_prompt_accepts_lookup_drafts(setup):
+    model, _, prompts, _ = setup
+    drafter = hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8)
+    model.generate(prompts[0], max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
+    assert drafter.stats.mean_accepted_tokens > 1.0
+
+
+def test_stop_strings(setup):
+    model, tokenizer, prompts, _ = setup
+    options = dict(max_new_tokens=MAX_NEW, do_sample=False, stop_strings=["total"], tokenizer=tokenizer)
+    expected = model.generate(prompts[0], **options)
+    got = model.generate(prompts[0], assistant_model=hf_spec.PromptLookupDrafter(), **options)
+    assert_greedy_identical(model, expected, got)
+    assert expected.shape[1] < prompts[0].shape[1] + MAX_NEW  # the stop string did stop it
+
+
+def test_sampling_runs_on_real_model(setup):
+    model, tokenizer, prompts, _ = setup
+    torch.manual_seed(0)
+    drafter = hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=3, top_k=2)
+    out = model.generate(prompts[1], max_new_tokens=24, do_sample=True, temperature=0.7, top_p=0.9,
+                         assistant_model=drafter)
+    assert out.shape[1] <= prompts[1].shape[1] + 24
+    assert drafter.stats.new_tokens == out.shape[1] - prompts[1].shape[1]
+    assert tokenizer.decode(out[0, prompts[1].shape[1]:]).strip()
