@@ -21,6 +21,7 @@ def drafter_factories(arch):
         "draft-topk-tree": lambda: hf_spec.DraftModelDrafter(other, num_tokens=4, top_k=3),
         "draft-adaptive": lambda: hf_spec.DraftModelDrafter(other, num_tokens=2, schedule="heuristic",
                                                             confidence_threshold=0.05),
+        "draft-dynamic-tree": lambda: hf_spec.DraftModelDrafter(other, num_tokens=4, tree="dynamic", tree_budget=16),
     }
 
 
@@ -29,7 +30,8 @@ def plain(model, prompt, **kwargs):
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("name", ["lookup-chain", "lookup-tree", "draft-chain", "draft-topk-tree", "draft-adaptive"])
+@pytest.mark.parametrize("name", ["lookup-chain", "lookup-tree", "draft-chain", "draft-topk-tree", "draft-adaptive",
+                                  "draft-dynamic-tree"])
 def test_greedy_identity(arch, name):
     target = tiny_model(arch)
     drafter = drafter_factories(arch)[name]()
@@ -90,6 +92,30 @@ def test_adversarial_draft_tied_embeddings():
     got = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
     assert torch.equal(got, plain(target, prompt))
     assert drafter.stats.accepted_tokens == 0
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_dynamic_tree_from_generate_kwargs(arch):
+    """tree="dynamic" selected in generate(); with draft == target and a budget holding every grown
+    node, the greedy path is always in the tree when the top-1 path stays in each level's top-k."""
+    target = tiny_model(arch)
+    prompt = tiny_prompt(13)
+    drafter = hf_spec.DraftModelDrafter(tiny_model(arch), num_tokens=3)
+    got = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter,
+                          tree="dynamic", tree_depth=3, tree_top_k=3, tree_budget=64)
+    assert torch.equal(got, plain(target, prompt))
+    assert drafter.stats.mean_accepted_tokens > 2.0
+    assert drafter.stats.drafted_tokens > 3 * drafter.stats.target_forwards  # really a tree, not a chain
+
+
+def test_tree_kwargs_are_refused_by_drafters_without_trees():
+    target = tiny_model("llama")
+    with pytest.raises(hf_spec.UnsupportedError, match="tree"):
+        target.generate(tiny_prompt(0), max_new_tokens=4, do_sample=False,
+                        assistant_model=hf_spec.PromptLookupDrafter(), tree="dynamic")
+    with pytest.raises(hf_spec.UnsupportedError, match="tree="):
+        target.generate(tiny_prompt(0), max_new_tokens=4, do_sample=False,
+                        assistant_model=hf_spec.DraftModelDrafter(tiny_model("llama")), tree_budget=8)
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7])

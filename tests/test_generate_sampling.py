@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import hf_spec
-import hf_spec.engine.loop as loop
-from hf_spec.engine.verify import Verdict
+from hf_spec.engine import verify
+from hf_spec.engine.verify import Verdict, VerificationRule
 from tests.conftest import tiny_model
 from tests.stats_helpers import chi_square_pvalue
 
@@ -31,10 +31,10 @@ def exact_pair_distribution(model) -> torch.Tensor:
     return (first[:, None] * second).flatten()
 
 
-def sampled_pair_counts(model, make_drafter) -> torch.Tensor:
+def sampled_pair_counts(model, make_drafter, verification="auto") -> torch.Tensor:
     counts = torch.zeros(VOCAB * VOCAB)
     for _ in range(SAMPLES):
-        out = model.generate(PROMPT, assistant_model=make_drafter(), **SAMPLING)
+        out = model.generate(PROMPT, assistant_model=make_drafter(), verification=verification, **SAMPLING)
         x1, x2 = out[0, -2:].tolist()
         counts[x1 * VOCAB + x2] += 1
     return counts
@@ -51,16 +51,20 @@ def models():
 
 DRAFTERS = {
     "draft-chain": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2)),
-    "draft-topk-tree": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2, top_k=3)),
+    "draft-static-tree": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2, top_k=3)),
+    "draft-dynamic-tree": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2, tree="dynamic",
+                                                                           top_k=2, tree_budget=5)),
     "lookup-tree": lambda draft: (lambda: hf_spec.PromptLookupDrafter(max_ngram=1, num_tokens=2, max_candidates=3)),
 }
+CASES = [("draft-chain", "rrs"), ("draft-static-tree", "rrs"), ("draft-static-tree", "rrs_without_replacement"),
+         ("draft-dynamic-tree", "rrs"), ("lookup-tree", "rrs")]
 
 
-@pytest.mark.parametrize("name", list(DRAFTERS))
-def test_sampled_tokens_follow_target_distribution(models, name):
+@pytest.mark.parametrize("name,verification", CASES)
+def test_sampled_tokens_follow_target_distribution(models, name, verification):
     target, draft = models
     torch.manual_seed(1234)
-    counts = sampled_pair_counts(target, DRAFTERS[name](draft))
+    counts = sampled_pair_counts(target, DRAFTERS[name](draft), verification)
     assert chi_square_pvalue(counts, exact_pair_distribution(target)) > 1e-3
 
 
@@ -73,8 +77,17 @@ def test_negative_control_accept_everything_is_detected(models, monkeypatch):
             row = path[-1] + 1
         return Verdict(path, int(torch.multinomial(probs[row], 1)))
 
-    monkeypatch.setattr(loop, "_verify_sampling", accept_every_draft_token)
+    broken = VerificationRule("rrs", accept_every_draft_token, sampling=True, sibling_scheme="iid")
+    monkeypatch.setitem(verify.RULES, "rrs", broken)
     target, draft = models
     torch.manual_seed(1234)
     counts = sampled_pair_counts(target, DRAFTERS["draft-chain"](draft))
+    assert chi_square_pvalue(counts, exact_pair_distribution(target)) < 1e-6
+
+
+def test_typical_acceptance_is_lossy_and_never_the_default(models):
+    """The negative control for the one lossy rule: the same test must reject it."""
+    target, draft = models
+    torch.manual_seed(1234)
+    counts = sampled_pair_counts(target, DRAFTERS["draft-static-tree"](draft), verification="typical")
     assert chi_square_pvalue(counts, exact_pair_distribution(target)) < 1e-6

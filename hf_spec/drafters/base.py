@@ -15,6 +15,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from ..engine.stats import GenerationStats
 from ..engine.tree import DraftTree
+from ..errors import UnsupportedError
 
 
 @dataclass
@@ -42,18 +43,27 @@ class Drafter(ABC):
         self.stats = GenerationStats()
         self.do_sample = False
         self.logits_processor = LogitsProcessorList()
+        self.sibling_scheme = "top_k"
 
     def begin(self, target, input_ids: torch.Tensor, generation_config: GenerationConfig,
-              logits_processor: LogitsProcessorList) -> None:
+              logits_processor: LogitsProcessorList, sibling_scheme: str = "top_k", tree=None) -> None:
         """Start a generate() call: check compatibility with ``target`` and reset per-call state.
 
         ``logits_processor`` is the target's: drafters that produce distributions run their logits
         through it so that they sample from (and report) the same processed distributions the
-        target is verified with.
+        target is verified with. ``sibling_scheme`` (see ``hf_spec.engine.siblings``) is how the
+        verification rule needs several candidates for one node to be drawn. ``tree`` (a
+        ``TreeSpec`` from ``generate(tree=...)``) is only accepted by drafters that build such trees.
         """
+        if tree is not None:
+            raise UnsupportedError(
+                f"{type(self).__name__} does not take generate(tree=...); tree shapes are options of drafters "
+                "that grow trees from distributions, e.g. DraftModelDrafter."
+            )
         self.stats = GenerationStats()
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
+        self.sibling_scheme = sibling_scheme
 
     @abstractmethod
     def propose(self, request: DraftRequest) -> DraftTree:

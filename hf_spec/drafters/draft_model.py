@@ -11,6 +11,9 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.cache import check_cache_supported
+from ..engine.dynamic_tree import TreeSpec, grow_dynamic_tree
+from ..engine.siblings import draw_siblings
+from ..engine.target import forward_with_mask
 from ..engine.tree import DraftTree
 from ..errors import UnsupportedError
 from .base import DraftRequest, Drafter
@@ -26,31 +29,44 @@ class DraftModelDrafter(Drafter):
             (the schedule transformers uses for assisted generation).
         confidence_threshold: stop drafting early once the draft's probability of its own token
             falls below this (adaptive draft length); ``None`` drafts the full length.
-        top_k: with ``top_k > 1`` each depth also proposes ``top_k - 1`` alternative tokens (the
-            draft's next best when greedy, further samples when sampling) as leaves beside the main
-            chain: a top-k tree verified in one forward, at no extra draft cost.
+        tree: ``"chain"``; ``"static"``: each depth also proposes ``top_k - 1`` alternatives (the
+            draft's next best when greedy, further draws in the verification rule's sibling scheme
+            when sampling) as leaves beside the chain, at no extra draft cost; ``"dynamic"``: an
+            EAGLE-2-style tree of ``num_tokens`` levels, ``top_k`` expansions per level and
+            ``tree_budget`` nodes (one draft forward per level, over the expanded nodes).
+            ``generate(tree=..., tree_budget=..., tree_depth=..., tree_top_k=...)`` overrides these
+            for one call.
+        top_k: alternatives per depth (default 2 for "static", 4 for "dynamic"); ``top_k > 1`` with
+            ``tree="chain"`` means "static".
+        tree_budget: nodes kept in a dynamic tree.
         max_num_tokens: upper bound for the heuristic schedule.
     """
 
     def __init__(self, draft_model, num_tokens: int = 5, schedule: str = "constant",
-                 confidence_threshold: float | None = None, top_k: int = 1, max_num_tokens: int = 16):
+                 confidence_threshold: float | None = None, tree: str = "chain", top_k: int | None = None,
+                 tree_budget: int = 32, max_num_tokens: int = 16):
         super().__init__()
         if schedule not in ("constant", "heuristic"):
             raise ValueError(f"schedule must be 'constant' or 'heuristic', got {schedule!r}.")
-        if num_tokens < 1 or top_k < 1:
-            raise ValueError("num_tokens and top_k must be at least 1.")
+        if num_tokens < 1:
+            raise ValueError("num_tokens must be at least 1.")
+        if tree == "chain" and top_k is not None and top_k > 1:
+            tree = "static"
+        self.default_tree = TreeSpec(tree, top_k=top_k or _DEFAULT_TOP_K[tree], budget=tree_budget)
+        self.tree = self.default_tree
         self.draft_model = draft_model
         self.initial_num_tokens = num_tokens
         self.num_tokens = num_tokens
         self.schedule = schedule
         self.confidence_threshold = confidence_threshold
-        self.top_k = top_k
         self.max_num_tokens = max(max_num_tokens, num_tokens)
         self._cache: DynamicCache | None = None
         self._cached_ids = torch.empty(0, dtype=torch.long)
 
-    def begin(self, target, input_ids, generation_config, logits_processor) -> None:
-        super().begin(target, input_ids, generation_config, logits_processor)
+    def begin(self, target, input_ids, generation_config, logits_processor, sibling_scheme="top_k",
+              tree: TreeSpec | None = None) -> None:
+        super().begin(target, input_ids, generation_config, logits_processor, sibling_scheme)
+        self.tree = tree or self.default_tree
         target_vocab = target.get_output_embeddings().weight.shape[0]
         draft_vocab = self.draft_model.get_output_embeddings().weight.shape[0]
         if target_vocab != draft_vocab:
@@ -71,20 +87,26 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, request: DraftRequest) -> DraftTree:
         ids = request.input_ids[0]
-        length = min(self.num_tokens, request.max_tokens)
+        length = min(self.tree.depth or self.num_tokens, request.max_tokens)
         if length == 0:
             return DraftTree.empty(ids.device)
         logits = self._logits_after(ids)
-        sequence = request.input_ids
+        if self.tree.shape == "dynamic":
+            return self._propose_dynamic(request.input_ids, logits, length)
+        return self._propose_chain(request.input_ids, logits, length)
+
+    def _propose_chain(self, input_ids: torch.Tensor, logits: torch.Tensor, length: int) -> DraftTree:
+        """The chain (plus, for a static tree, alternatives at each depth), one draft forward per depth."""
+        ids = input_ids[0]
+        sequence = input_ids
         tokens, parents, probs = [], [], []
         chain_parent = -1
         for depth in range(length):
             scores = self.logits_processor(sequence, logits.float()[None])[0]
-            candidates, distribution = self._pick(scores)
-            for rank, token in enumerate(candidates):
-                tokens.append(token)
-                parents.append(chain_parent)
-                probs.append(distribution)
+            candidates, distributions = self._pick(scores)
+            tokens += candidates
+            parents += [chain_parent] * len(candidates)
+            probs += distributions
             chain_parent = len(tokens) - len(candidates)
             chain_token = candidates[0]
             sequence = torch.cat([sequence, sequence.new_tensor([[chain_token]])], dim=1)
@@ -92,7 +114,7 @@ class DraftModelDrafter(Drafter):
             if depth == length - 1 or not confident:
                 break
             logits = self._run_draft(sequence[0, -1:])
-        draft_probs = torch.stack(probs) if self.do_sample else None
+        draft_probs = None if probs[0] is None else torch.stack(probs)
         return DraftTree(torch.tensor(tokens, device=ids.device), torch.tensor(parents, device=ids.device), draft_probs)
 
     def observe(self, tree: DraftTree, num_accepted: int) -> None:
@@ -104,12 +126,51 @@ class DraftModelDrafter(Drafter):
             self.num_tokens = max(self.num_tokens - 1, 1)
 
     # ------------------------------------------------------------------ helpers
-    def _pick(self, scores: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """Chain token first, then the alternatives; and the distribution they were drawn from."""
-        if not self.do_sample:
-            return scores.topk(self.top_k).indices.tolist(), None
-        distribution = torch.softmax(scores, dim=-1)
-        return torch.multinomial(distribution, self.top_k, replacement=True).tolist(), distribution
+    def _pick(self, scores: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Chain token first, then the alternatives; and the distribution each was drawn from."""
+        count = self.tree.top_k if self.tree.shape == "static" else 1
+        if count == 1 and not self.do_sample:
+            return [int(scores.argmax())], [None]
+        return draw_siblings(torch.softmax(scores, dim=-1), count, self.sibling_scheme)
+
+    def _propose_dynamic(self, input_ids: torch.Tensor, root_logits: torch.Tensor, depth: int) -> DraftTree:
+        """EAGLE-2-style growth: each level runs the draft once over the expanded nodes (tree attention)."""
+        committed = input_ids.shape[1]
+        cache_row: dict[int, int] = {}
+
+        def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+            if frontier == [-1]:
+                logits = root_logits[None]
+            else:
+                logits = self._run_draft_on_nodes(frontier, tokens, parents, cache_row, committed)
+            paths = [_path(node, tokens, parents) for node in frontier]
+            sequences = torch.cat([input_ids.expand(len(frontier), -1), input_ids.new_tensor(paths)], dim=1)
+            return torch.log_softmax(self.logits_processor(sequences, logits.float()), dim=-1)
+
+        tree = grow_dynamic_tree(expand, depth, self.tree.top_k, self.tree.budget, input_ids.device)
+        self._cache.crop(committed - self._cache.get_seq_length())
+        self._cached_ids = input_ids[0]
+        return tree
+
+    def _run_draft_on_nodes(self, nodes: list[int], tokens: list[int], parents: list[int],
+                            cache_row: dict[int, int], committed: int) -> torch.Tensor:
+        past = self._cache.get_seq_length()
+        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+        allowed[:, :committed] = True
+        depths = []
+        for row, node in enumerate(nodes):
+            allowed[row, past + row] = True
+            ancestor, depth = parents[node], 1
+            while ancestor >= 0:
+                allowed[row, cache_row[ancestor]] = True
+                ancestor, depth = parents[ancestor], depth + 1
+            depths.append(depth)
+            cache_row[node] = past + row
+        device = self._cached_ids.device
+        node_tokens = torch.tensor([[tokens[node] for node in nodes]], device=device)
+        positions = committed - 1 + torch.tensor([depths], device=device)
+        outputs = forward_with_mask(self.draft_model, self._cache, node_tokens, positions, allowed.to(device))
+        return outputs.logits[0]
 
     def _confidence(self, scores: torch.Tensor, token: int) -> float:
         if self.confidence_threshold is None:
@@ -136,4 +197,15 @@ class DraftModelDrafter(Drafter):
 
     def __repr__(self) -> str:
         return (f"DraftModelDrafter({type(self.draft_model).__name__}, num_tokens={self.initial_num_tokens}, "
-                f"schedule={self.schedule!r}, top_k={self.top_k})")
+                f"schedule={self.schedule!r}, tree={self.default_tree.shape!r})")
+
+
+_DEFAULT_TOP_K = {"chain": 1, "static": 2, "dynamic": 4}
+
+
+def _path(node: int, tokens: list[int], parents: list[int]) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return path[::-1]

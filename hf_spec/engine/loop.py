@@ -15,8 +15,9 @@ from ..drafters.base import DraftRequest, Drafter
 from ..errors import UnsupportedError
 from .cache import check_cache_supported, keep_block_rows
 from .target import forward_tree, prefill, process_block_scores
+from .dynamic_tree import TreeSpec
 from .tree import DraftTree
-from .verify import Verdict, verify_greedy, verify_rejection_sampling
+from .verify import RULES, VerificationRule
 
 # Architectures whose tree attention (4D mask + position ids through the public forward) is tested.
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "gemma3_text"}
@@ -37,21 +38,30 @@ def speculative_generate(
     generation_config,
     drafter: Drafter | None = None,
     verification: str = "auto",
+    tree: str | None = None,
+    tree_budget: int | None = None,
+    tree_depth: int | None = None,
+    tree_top_k: int | None = None,
     hf_spec_streamer=None,
     **model_kwargs,
 ):
     """Speculative decoding with ``drafter``; use as ``model.generate(custom_generate=speculative_generate, drafter=...)``.
 
     After ``import hf_spec``, ``model.generate(assistant_model=drafter)`` routes here too (and
-    passes the streamer as ``hf_spec_streamer``). ``verification`` is ``"auto"`` (greedy when
-    ``do_sample=False``, rejection sampling otherwise), ``"greedy"`` or ``"rejection_sampling"``.
+    passes the streamer as ``hf_spec_streamer``). ``verification`` is ``"auto"`` (``"greedy"`` when
+    ``do_sample=False``, ``"rrs"`` otherwise) or a name in ``hf_spec.engine.verify.RULES``:
+    ``"greedy"``, ``"rrs"``, ``"rrs_without_replacement"``, ``"spechub"``, or the lossy ``"typical"``.
+    ``tree`` (``"chain"``, ``"static"`` or ``"dynamic"``) with ``tree_budget``, ``tree_depth`` and
+    ``tree_top_k`` reshapes the drafter's trees for this call (drafters that grow trees only).
     Per-call statistics land in ``drafter.stats``.
     """
-    verify = _choose_verification(verification, generation_config)
+    rule = _choose_verification(verification, generation_config)
     _check_request(model, input_ids, generation_config, drafter, model_kwargs)
     cache = model_kwargs["past_key_values"]
     check_cache_supported(cache, generation_config.max_length)
-    drafter.begin(model, input_ids, generation_config, logits_processor)
+    tree_spec = _tree_spec(tree, tree_budget, tree_depth, tree_top_k)
+    drafter.begin(model, input_ids, generation_config, logits_processor, sibling_scheme=rule.sibling_scheme,
+                  **({"tree": tree_spec} if tree_spec else {}))
     stats = drafter.stats
     streamer = hf_spec_streamer
     if streamer is not None:
@@ -71,7 +81,7 @@ def speculative_generate(
         block_start = cache.get_seq_length()
         forward = forward_tree(model, cache, input_ids[0, -1], tree, want_hidden)
         block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
-        verdict = verify(tree, block_scores)
+        verdict = rule.verify(tree, block_scores)
 
         new_tokens = [tree.token_list[node] for node in verdict.accepted_nodes] + [verdict.next_token]
         emitted = 0
@@ -106,28 +116,30 @@ def speculative_generate(
     return input_ids
 
 
-def _verify_sampling(tree: DraftTree, block_scores: torch.Tensor) -> Verdict:
-    return verify_rejection_sampling(tree, torch.softmax(block_scores, dim=-1))
-
-
-def _choose_verification(verification: str, generation_config):
+def _choose_verification(verification: str, generation_config) -> VerificationRule:
     sampling = bool(generation_config.do_sample)
     if verification == "auto":
-        return _verify_sampling if sampling else verify_greedy
-    if verification == "greedy":
-        if sampling:
-            raise UnsupportedError(
-                "verification='greedy' with do_sample=True would not follow the target's distribution; "
-                "use verification='auto' or 'rejection_sampling', or set do_sample=False."
-            )
-        return verify_greedy
-    if verification == "rejection_sampling":
-        if not sampling:
-            raise UnsupportedError("verification='rejection_sampling' needs do_sample=True.")
-        return _verify_sampling
-    raise UnsupportedError(
-        f"Unknown verification={verification!r}; choose 'auto', 'greedy' or 'rejection_sampling'."
-    )
+        verification = "rrs" if sampling else "greedy"
+    if verification not in RULES:
+        raise UnsupportedError(f"Unknown verification={verification!r}; choose 'auto' or one of {sorted(RULES)}.")
+    rule = RULES[verification]
+    if rule.sampling != sampling:
+        needed = "do_sample=True" if rule.sampling else "do_sample=False"
+        raise UnsupportedError(
+            f"verification={verification!r} needs {needed}: a greedy rule under sampling would not follow the "
+            "target's distribution, and a sampling rule cannot reproduce greedy decoding. Use verification='auto'."
+        )
+    return rule
+
+
+def _tree_spec(tree, budget, depth, top_k) -> TreeSpec | None:
+    if tree is None:
+        if (budget, depth, top_k) != (None, None, None):
+            raise UnsupportedError("tree_budget / tree_depth / tree_top_k need tree='static' or tree='dynamic'.")
+        return None
+    defaults = TreeSpec()
+    return TreeSpec(tree, depth=depth, top_k=top_k or {"chain": 1, "static": 2}.get(tree, defaults.top_k),
+                    budget=budget or defaults.budget)
 
 
 def _fit_to_cache(tree: DraftTree, cache) -> DraftTree:

@@ -46,35 +46,40 @@ def forward_tree(model, cache, root_token: torch.Tensor, tree: DraftTree, want_h
     past_length = cache.get_seq_length()
     block_tokens = torch.cat([root_token.view(1), tree.tokens]).unsqueeze(0)
     positions = (past_length + tree.block_position_offsets()).unsqueeze(0)
-    cache_position = torch.arange(past_length, past_length + block_tokens.shape[1], device=block_tokens.device)
-    attention_mask = None
+    allowed = None
     if not tree.is_chain:
+        ancestry = tree.block_ancestry()
+        context = torch.ones(ancestry.shape[0], past_length, dtype=torch.bool, device=ancestry.device)
+        allowed = torch.cat([context, ancestry], dim=1)
+    outputs = forward_with_mask(model, cache, block_tokens, positions, allowed, want_hidden)
+    hidden = outputs.hidden_states[-1][0] if want_hidden else None
+    return TreeForward(logits=outputs.logits[0], hidden_states=hidden)
+
+
+def forward_with_mask(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+                      want_hidden: bool = False):
+    """Run ``model`` on new ``tokens`` after ``cache``; ``allowed`` is the ``(new, cached + new)`` bool
+    attention pattern, or ``None`` for the model's own causal mask. Goes through the public forward."""
+    past_length = cache.get_seq_length()
+    attention_mask = None
+    if allowed is not None:
         if "flash" in str(model.config._attn_implementation):
             raise UnsupportedError(
-                "Tree drafts need a 4D attention mask, which flash attention cannot take; load the target "
+                "Tree drafts need a 4D attention mask, which flash attention cannot take; load the model "
                 "with attn_implementation='sdpa' (or 'eager'), or use a chain drafter."
             )
-        attention_mask = _tree_attention_mask(tree, past_length, model.dtype)
-    outputs = model(
-        input_ids=block_tokens,
+        attention_mask = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
+        attention_mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+        attention_mask = attention_mask[None, None]
+    return model(
+        input_ids=tokens,
         position_ids=positions,
-        cache_position=cache_position,
+        cache_position=torch.arange(past_length, past_length + tokens.shape[1], device=tokens.device),
         attention_mask=attention_mask,
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=want_hidden,
     )
-    hidden = outputs.hidden_states[-1][0] if want_hidden else None
-    return TreeForward(logits=outputs.logits[0], hidden_states=hidden)
-
-
-def _tree_attention_mask(tree: DraftTree, past_length: int, dtype: torch.dtype) -> torch.Tensor:
-    ancestry = tree.block_ancestry()
-    rows = ancestry.shape[0]
-    allowed = torch.cat([torch.ones(rows, past_length, dtype=torch.bool, device=ancestry.device), ancestry], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=ancestry.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
 
 
 def process_block_scores(

@@ -5,6 +5,9 @@ target: the correction after a rejection, or the bonus token after a fully accep
 
 - ``verify_greedy``: exact match with the target's argmax, so the output is token-for-token that of
   plain greedy decoding.
+- ``verify_typical``: Medusa's typical acceptance (Cai et al. 2024), LOSSY: a draft token is kept
+  when the target gives it probability above ``min(epsilon, delta * exp(-entropy))``. Only used when
+  asked for explicitly with ``verification="typical"``.
 - ``verify_rejection_sampling``: speculative sampling (Leviathan et al. 2023, "Fast Inference from
   Transformers via Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model
   Decoding with Speculative Sampling") generalised to trees by recursive rejection sampling over
@@ -15,7 +18,9 @@ target: the correction after a rejection, or the bonus token after a fully accep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -104,3 +109,60 @@ def _residual(target: torch.Tensor, draft: torch.Tensor | None, token: int) -> t
         # above then passes with probability 1 - O(eps), and p itself is the correct fallback.
         return target
     return residual / total
+
+
+TYPICAL_EPSILON = 0.09  # Medusa's posterior threshold
+TYPICAL_DELTA = 0.3  # Medusa's entropy factor (sqrt of epsilon)
+
+
+def verify_typical(tree: DraftTree, target_probs: torch.Tensor, epsilon: float = TYPICAL_EPSILON,
+                   delta: float = TYPICAL_DELTA) -> Verdict:
+    """Typical acceptance (lossy): keep the deepest draft path whose every token is "typical" for the target.
+
+    A node passes when ``p(token) > min(epsilon, delta * exp(-H(p)))`` at its parent's row. The
+    next token is sampled from the target at the end of the kept path.
+    """
+    entropy = -(target_probs * target_probs.clamp_min(1e-30).log()).sum(-1)
+    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
+    parent_rows = tree.parents + 1
+    passes = (target_probs[parent_rows, tree.tokens] > threshold[parent_rows]).tolist() if tree.num_nodes else []
+    best_path: list[int] = []
+    path_of: dict[int, list[int]] = {-1: []}
+    for node, parent in enumerate(tree.parent_list):
+        if parent in path_of and passes[node]:
+            path_of[node] = path_of[parent] + [node]
+            if len(path_of[node]) > len(best_path):
+                best_path = path_of[node]
+    row = best_path[-1] + 1 if best_path else 0
+    return Verdict(best_path, int(torch.multinomial(target_probs[row], 1)))
+
+
+@dataclass(frozen=True)
+class VerificationRule:
+    """A named verification rule, selectable with ``generate(verification=name)``.
+
+    ``sibling_scheme`` tells drafters how to draw several candidates for one node so that the rule
+    stays exact (see ``hf_spec.engine.siblings``).
+    """
+
+    name: str
+    verify: Callable[[DraftTree, torch.Tensor], Verdict]  # (tree, processed scores of every block row)
+    sampling: bool
+    sibling_scheme: str
+    lossless: bool = True
+
+
+def _on_probs(rule: Callable[[DraftTree, torch.Tensor], Verdict]) -> Callable[[DraftTree, torch.Tensor], Verdict]:
+    return lambda tree, scores: rule(tree, torch.softmax(scores, dim=-1))
+
+
+RULES: dict[str, VerificationRule] = {
+    "greedy": VerificationRule("greedy", verify_greedy, sampling=False, sibling_scheme="top_k"),
+    "rrs": VerificationRule("rrs", _on_probs(verify_rejection_sampling), sampling=True, sibling_scheme="iid"),
+    "rrs_without_replacement": VerificationRule(
+        "rrs_without_replacement", _on_probs(verify_rejection_sampling), sampling=True,
+        sibling_scheme="without_replacement"),
+    "typical": VerificationRule("typical", _on_probs(verify_typical), sampling=True, sibling_scheme="top_k",
+                                lossless=False),
+}
+RULES["rejection_sampling"] = RULES["rrs"]

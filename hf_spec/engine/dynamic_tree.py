@@ -1,0 +1,78 @@
+"""Dynamic draft trees: spend a node budget where the draft is confident.
+
+EAGLE-2 (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees")
+and DySpec (Xiong et al. 2024): grow the tree level by level, expanding only the ``top_k`` most
+probable frontier nodes (by cumulative draft log-probability), then keep the ``budget`` best nodes
+overall. Works with any drafter that can give next-token distributions for a set of tree nodes.
+
+The tokens are a deterministic function of the context (top-k choices), so the tree carries no
+``draft_probs``: verification treats them as point masses, which is lossless under sampling too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .tree import DraftTree
+
+TREE_SHAPES = ("chain", "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The shape of draft trees a drafter builds.
+
+    ``"chain"``: one token per depth. ``"static"``: the chain plus ``top_k - 1`` alternatives at each
+    depth. ``"dynamic"``: EAGLE-2-style growth, ``depth`` levels, ``top_k`` expansions per level,
+    ``budget`` nodes kept.
+    """
+
+    shape: str = "chain"
+    depth: int | None = None
+    top_k: int = 4
+    budget: int = 32
+
+    def __post_init__(self):
+        if self.shape not in TREE_SHAPES:
+            raise ValueError(f"tree must be one of {TREE_SHAPES}, got {self.shape!r}.")
+        if self.top_k < 1 or self.budget < 1 or (self.depth is not None and self.depth < 1):
+            raise ValueError("tree_top_k, tree_budget and tree_depth must be at least 1.")
+
+
+# expand(frontier node indices (-1 = root), tokens so far, parents so far) -> (len(frontier), vocab) log-probs
+Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
+
+
+def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, device) -> DraftTree:
+    """Grow a tree with ``expand`` for ``depth`` levels and keep its ``budget`` most probable nodes."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    frontier, frontier_scores = [-1], torch.zeros(1)
+    for _ in range(depth):
+        log_probs = expand(frontier, tokens, parents).float().cpu()
+        top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+        candidate_scores = frontier_scores[:, None] + top.values
+        first_new = len(tokens)
+        for row, parent in enumerate(frontier):
+            tokens += top.indices[row].tolist()
+            parents += [parent] * top.indices.shape[1]
+            scores += candidate_scores[row].tolist()
+        layer = torch.tensor(scores[first_new:])
+        best = layer.topk(min(top_k, layer.numel())).indices
+        frontier = [first_new + int(i) for i in best]
+        frontier_scores = layer[best]
+    return _keep_best(tokens, parents, scores, budget, device)
+
+
+def _keep_best(tokens: list[int], parents: list[int], scores: list[float], budget: int, device) -> DraftTree:
+    """The ``budget`` highest-scoring nodes; a parent never scores below its child, so ties go to the parent."""
+    order = sorted(range(len(tokens)), key=lambda node: (-scores[node], node))[:budget]
+    kept = sorted(order)
+    new_index = {old: new for new, old in enumerate(kept)}
+    new_parents = [new_index[parents[old]] if parents[old] >= 0 else -1 for old in kept]
+    return DraftTree(torch.tensor([tokens[old] for old in kept], dtype=torch.long, device=device),
+                     torch.tensor(new_parents, dtype=torch.long, device=device))
