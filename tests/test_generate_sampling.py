@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import hf_spec
-from hf_spec.engine import verify
-from hf_spec.engine.verify import Verdict, VerificationRule
+from hf_spec.engine import rules
+from hf_spec.engine.rules import VerificationRule
+from hf_spec.engine.verify import Verdict
 from tests.conftest import tiny_model
 from tests.stats_helpers import chi_square_pvalue
 
@@ -52,11 +53,13 @@ def models():
 DRAFTERS = {
     "draft-chain": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2)),
     "draft-static-tree": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2, top_k=3)),
+    "draft-pair-tree": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2, top_k=2)),
     "draft-dynamic-tree": lambda draft: (lambda: hf_spec.DraftModelDrafter(draft, num_tokens=2, tree="dynamic",
                                                                            top_k=2, tree_budget=5)),
     "lookup-tree": lambda draft: (lambda: hf_spec.PromptLookupDrafter(max_ngram=1, num_tokens=2, max_candidates=3)),
 }
 CASES = [("draft-chain", "rrs"), ("draft-static-tree", "rrs"), ("draft-static-tree", "rrs_without_replacement"),
+         ("draft-pair-tree", "spechub"),
          ("draft-dynamic-tree", "rrs"), ("lookup-tree", "rrs")]
 
 
@@ -78,7 +81,7 @@ def test_negative_control_accept_everything_is_detected(models, monkeypatch):
         return Verdict(path, int(torch.multinomial(probs[row], 1)))
 
     broken = VerificationRule("rrs", accept_every_draft_token, sampling=True, sibling_scheme="iid")
-    monkeypatch.setitem(verify.RULES, "rrs", broken)
+    monkeypatch.setitem(rules.RULES, "rrs", broken)
     target, draft = models
     torch.manual_seed(1234)
     counts = sampled_pair_counts(target, DRAFTERS["draft-chain"](draft))

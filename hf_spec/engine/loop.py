@@ -17,7 +17,7 @@ from .cache import check_cache_supported, keep_block_rows
 from .target import forward_tree, prefill, process_block_scores
 from .dynamic_tree import TreeSpec
 from .tree import DraftTree
-from .verify import RULES, VerificationRule
+from .rules import RULES, VerificationRule
 
 # Architectures whose tree attention (4D mask + position ids through the public forward) is tested.
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "gemma3_text"}

@@ -6,6 +6,7 @@ drawn before it: exactly what ``DraftTree.draft_probs`` must hold for lossless v
 - ``"iid"``: independent samples (recursive rejection sampling with replacement; SpecInfer).
 - ``"without_replacement"``: sequential sampling without replacement, each draw from the
   renormalised remainder (Recursive Speculative Decoding, Jeon et al. 2024).
+- ``"spechub"``: SpecHub's hub pair (Sun et al. 2024): two drafts, one of them the draft's top token.
 - ``"top_k"``: the k most likely tokens, deterministic (``None`` rows = point masses); used for greedy
   decoding and by drafters that pick candidates instead of sampling them.
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import torch
 
-SCHEMES = ("iid", "without_replacement", "top_k")
+from ..errors import UnsupportedError
+from .spechub import draw_hub_pair
+
+SCHEMES = ("iid", "without_replacement", "spechub", "top_k")
 
 
 def draw_siblings(probs: torch.Tensor, count: int, scheme: str) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -25,6 +29,13 @@ def draw_siblings(probs: torch.Tensor, count: int, scheme: str) -> tuple[list[in
         return torch.multinomial(probs, count, replacement=True).tolist(), [probs] * count
     if scheme == "without_replacement":
         return _without_replacement(probs, count)
+    if scheme == "spechub":
+        if count > 2:
+            raise UnsupportedError(
+                f"SpecHub is defined for two drafts per node, {count} were asked for; use verification='rrs' or "
+                "'rrs_without_replacement' for wider trees, or top_k=2."
+            )
+        return draw_hub_pair(probs) if count == 2 else draw_siblings(probs, 1, "iid")
     raise ValueError(f"Unknown sibling scheme {scheme!r}; choose one of {SCHEMES}.")
 
 
