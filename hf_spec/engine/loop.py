@@ -49,7 +49,7 @@ def speculative_generate(
 
     After ``import hf_spec``, ``model.generate(assistant_model=drafter)`` routes here too (and
     passes the streamer as ``hf_spec_streamer``). ``verification`` is ``"auto"`` (``"greedy"`` when
-    ``do_sample=False``, ``"rrs"`` otherwise) or a name in ``hf_spec.engine.verify.RULES``:
+    ``do_sample=False``, ``"rrs"`` otherwise) or a name in ``hf_spec.engine.rules.RULES``:
     ``"greedy"``, ``"rrs"``, ``"rrs_without_replacement"``, ``"spechub"``, or the lossy ``"typical"``.
     ``tree`` (``"chain"``, ``"static"`` or ``"dynamic"``) with ``tree_budget``, ``tree_depth`` and
     ``tree_top_k`` reshapes the drafter's trees for this call (drafters that grow trees only).
