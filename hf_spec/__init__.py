@@ -6,6 +6,7 @@
 
 from .drafters.base import DraftRequest, Drafter
 from .drafters.draft_model import DraftModelDrafter
+from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .engine.loop import allow_model_type, speculative_generate
 from .engine.stats import GenerationStats

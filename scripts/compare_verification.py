@@ -107,7 +107,9 @@ def greedy_table(target, draft, prompts, max_new_tokens, repeats) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2-135m-instruct")
-    parser.add_argument("--draft", default=None, help="default: early exit after 8 layers of the target")
+    parser.add_argument("--draft", default=None, help="default: an early exit of the target")
+    parser.add_argument("--early-exit-layers", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), help="how many demo prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -118,9 +120,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     target, tokenizer = load(args.target)
-    draft = load(args.draft)[0] if args.draft else early_exit_model(target, 8)
-    prompts = [_chat_ids(tokenizer, prompt) for prompt in DEMO_PROMPTS]
-    header = (f"target {args.target}, draft {args.draft or 'early exit (8 layers)'}, {len(prompts)} demo prompts, "
+    draft = load(args.draft)[0] if args.draft else early_exit_model(target, args.early_exit_layers)
+    prompts = [_chat_ids(tokenizer, prompt) for prompt in DEMO_PROMPTS[: args.prompts]]
+    draft_name = args.draft or f"early exit after {args.early_exit_layers} layers"
+    header = (f"target {args.target}, draft {draft_name}, {len(prompts)} demo prompts, "
               f"max_new_tokens={args.max_new_tokens}, torch threads={args.threads}")
     sections = [header, ""]
     if args.skip != "sampling":

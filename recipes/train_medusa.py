@@ -1,0 +1,13 @@
+"""Train Medusa-1 / Medusa-2 heads for a causal LM (Cai et al. 2024), then evaluate, export and publish them.
+
+    accelerate launch --config_file configs/accelerate/<single|ddp|zero2|zero3>.yaml \
+        recipes/train_medusa.py --config configs/medusa/<model>.yaml [--set section.key=value ...]
+
+On CPU-only machines prefix multi-process launches with ACCELERATE_USE_CPU=true. Everything happens
+in hf_spec.training.medusa_recipe; see configs/medusa/*.yaml for the settings.
+"""
+
+from hf_spec.training.medusa_recipe import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`hf-spec bench` end to end on a tiny random Llama with a real (byte-level) tokenizer and chat template.
+
+The real harness runs: method discovery, multi-turn rendering, warm-up, interleaved measurement,
+identity check, JSON/Markdown/PNG. A deliberately broken method must be flagged with the prompt ids.
+No test here asserts anything about speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_spec import cli
+from hf_spec.bench import Method, Prompt, make_config, run_bench
+from hf_spec.bench import methods as bench_methods
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPTS = [
+    Prompt("grounded/1", "extraction", ("List the years: Ada 1843, Alan 1936, Grace 1952, Ada 1843 again.",)),
+    Prompt("chat/1", "mt_bench", ("Tell me about cats.", "Now say it again, shorter.")),
+]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 tokens + 2 specials) with a ChatML chat template."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={char: index for index, char in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(vocab_size: int, dtype=torch.float64) -> LlamaForCausalLM:
+    """Float64 so that tree attention cannot flip a greedy argmax by rounding."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def broken_factory(target, draft, generation):
+    """Plain decoding with the last new token changed: what a lossy 'speculative' method looks like."""
+    def generate(input_ids, **overrides):
+        output = target.generate(input_ids, **{**generation, **overrides}).clone()
+        output[0, -1] = (output[0, -1] + 1) % target.config.vocab_size
+        return output
+
+    return Method("broken", "hf_spec", generate, description="plain output, last token changed")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_end_to_end_flags_broken_method(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench_methods.REGISTRY, "broken", broken_factory)
+    tokenizer = byte_tokenizer()
+    target = tiny_llama(len(tokenizer))
+    config = make_config(max_new_tokens=6, repeats=2, threads=1, early_exit_layers=2, out=str(tmp_path),
+                         progress=False)
+    result = run_bench(config, target=target, tokenizer=tokenizer, prompts=PROMPTS)
+
+    names = [row["method"] for row in result.rows]
+    assert names[0] == "plain"
+    for expected in ("transformers_assisted", "transformers_prompt_lookup", "hf_spec:PromptLookupDrafter",
+                     "hf_spec:DraftModelDrafter", "hf_spec:DraftModelDrafter(tree='dynamic')", "broken"):
+        assert expected in names
+    items = ["grounded/1", "chat/1/turn1", "chat/1/turn2"]
+    assert len(result.measurements) == len(names) * len(items) * 2
+
+    # Identity: every method but the broken one reproduces plain greedy decoding; the broken one is flagged.
+    assert {mismatch.method for mismatch in result.mismatches} == {"broken"}
+    assert {mismatch.item for mismatch in result.mismatches} == set(items)
+    assert all(mismatch.position == 5 for mismatch in result.mismatches)
+    assert all(mismatch.margin is not None and not mismatch.near_tie for mismatch in result.mismatches)
+    rows = {row["method"]: row for row in result.rows}
+    assert rows["broken"]["identical"] is False and rows["broken"]["mismatched_generations"] == 6
+    assert all(row["identical"] for name, row in rows.items() if name != "broken")
+    assert "IDENTITY CHECK FAILED" in capsys.readouterr().err
+
+    # Files: raw JSON, Markdown table in Spec-Bench layout, PNG plot.
+    payload = json.loads(result.files["json"].read_text())
+    assert len(payload["measurements"]) == len(result.measurements)
+    assert {"torch", "transformers", "threads", "cpu"} <= set(payload["environment"])
+    assert payload["environment"]["torch_threads"] == 1
+    assert payload["models"]["draft"]["early_exit_of"] == "target"
+    turn2 = next(item for item in payload["items"] if item["id"] == "chat/1/turn2")
+    assert [message["role"] for message in turn2["messages"]] == ["user", "assistant", "user"]
+    assert turn2["messages"][1]["content"] == next(item for item in payload["items"]
+                                                   if item["id"] == "chat/1/turn1")["baseline_output"]
+    table = result.files["markdown"].read_text()
+    assert "| Method | Extraction | MT-Bench | Overall | Mean accepted tokens | Identical to plain |" in table
+    assert "| broken |" in table and "**NO**" in table
+    assert "differs from plain generate() on prompt chat/1/turn2" in table
+    assert result.files["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_with_yaml_config_on_a_local_model_folder(tmp_path, capsys):
+    tokenizer = byte_tokenizer()
+    folder = tmp_path / "tiny"
+    tiny_llama(len(tokenizer), dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"target: {folder}\nearly-exit-layers: 2\ntasks: extraction\nlimit: 1\nmax_new_tokens: 4\n"
+                      f"repeats: 1\nthreads: 1\nprogress: false\nout: {tmp_path / 'out'}\n")
+    code = cli.main(["bench", "--config", str(config), "--methods", "transformers_prompt_lookup",
+                     "hf_spec:PromptLookupDrafter(num_tokens=4, max_candidates=2)"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| plain |" in printed and "| hf_spec:PromptLookupDrafter(num_tokens=4, max_candidates=2) |" in printed
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["config"]["limit"] == 1 and payload["config"]["threads"] == 1
+    assert payload["models"]["target"]["path"] == str(folder.resolve())
+    assert set(payload["models"]["target"]["sha256"]) == {"model.safetensors"}
+    assert {record["method"] for record in payload["measurements"]} == {
+        "plain", "transformers_prompt_lookup", "hf_spec:PromptLookupDrafter(num_tokens=4, max_candidates=2)"}
+    assert (tmp_path / "out" / "speedup.png").is_file()

