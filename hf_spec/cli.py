@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--early-exit-layers", type=int, default=8)
     demo.add_argument("--max-new-tokens", type=int, default=128)
     demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--num-prompts", type=int, default=None, help="use only the first N demo prompts")
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("--out", default=None, help="also write the measurements as JSON here")
 
@@ -35,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
+        from .demo import DEMO_PROMPTS
+
         run_demo(args.target, args.draft, args.early_exit_layers, args.max_new_tokens, args.repeats, args.threads,
-                 out=args.out)
+                 prompts=DEMO_PROMPTS[: args.num_prompts], out=args.out)
         return 0
     if args.command == "bench":
         return _run_bench(args)
