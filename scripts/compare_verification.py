@@ -14,6 +14,7 @@ transformers' assisted generation: tau, speedup over plain generate() and token 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -27,11 +28,17 @@ from hf_spec.drafters.early_exit import early_exit_model
 RULES = ["rrs", "rrs_without_replacement", "spechub"]
 
 
-def sampling_table(target, draft, prompts, max_new_tokens, seeds, temperatures) -> list[str]:
+BINARY_TREE_DEPTH_3 = [path for depth in (1, 2, 3) for path in itertools.product((0, 1), repeat=depth)]
+
+
+def sampling_table(target, draft, prompts, max_new_tokens, seeds, temperatures, medusa=None) -> list[str]:
     drafters = {
         "draft model, top-2 tree x4": lambda: hf_spec.DraftModelDrafter(draft, num_tokens=4, top_k=2),
         "prompt lookup, 2 candidates": lambda: hf_spec.PromptLookupDrafter(num_tokens=6, max_candidates=2),
     }
+    if medusa:
+        drafters["Medusa heads, 2 sampled children x3"] = lambda: hf_spec.MedusaDrafter.from_pretrained(
+            medusa, target, tree=BINARY_TREE_DEPTH_3, proposal="sample")
     lines = ["| drafter | temperature | " + " | ".join(RULES) + " |", "|---|---:|" + "---:|" * len(RULES)]
     for name, make in drafters.items():
         for temperature in temperatures:
@@ -114,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--medusa", default=None, help="trained Medusa heads (folder or Hub id): one more drafter")
     parser.add_argument("--skip", choices=["sampling", "greedy"], default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -129,7 +137,8 @@ def main() -> None:
     if args.skip != "sampling":
         sections += ["Mean accepted tokens per target forward, sampling "
                      f"({args.seeds} seeds per prompt, same seeds for every rule):", ""]
-        sections += sampling_table(target, draft, prompts, args.max_new_tokens, args.seeds, [0.6, 1.0]) + [""]
+        sections += sampling_table(target, draft, prompts, args.max_new_tokens, args.seeds, [0.6, 1.0],
+                                   args.medusa) + [""]
     if args.skip != "greedy":
         sections += [f"Greedy (median of {args.repeats} interleaved repeats):", ""]
         sections += greedy_table(target, draft, prompts, args.max_new_tokens, args.repeats)

@@ -246,3 +246,23 @@ def test_from_pretrained_local_folder(tmp_path, fitted):
     assert torch.equal(got, plain(target, prompt))
     assert drafter.stats.accepted_tokens > 0
     assert "MedusaDrafter(heads=3" in repr(drafter)
+
+
+@pytest.mark.parametrize("proposal", ["topk", "sample"])
+def test_every_sampling_rule_of_the_engine_runs(fitted, proposal):
+    """Whatever verification the engine applies (incl. the explicit, lossy 'typical'), the drafter serves it."""
+    from hf_spec.engine.rules import RULES
+
+    target, prompt, heads = fitted
+    accepted = 0
+    for name, rule in RULES.items():
+        if not rule.sampling:
+            continue
+        tree = [[0], [1], [0, 0]] if name == "spechub" else None  # SpecHub draws two candidates per node
+        drafter = MedusaDrafter(heads, tree=tree, num_nodes=8, proposal=proposal)
+        torch.manual_seed(0)
+        out = target.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.8, assistant_model=drafter,
+                              verification=name)
+        assert out.shape[1] == prompt.shape[1] + 12, name
+        accepted += drafter.stats.accepted_tokens
+    assert accepted > 0
