@@ -45,7 +45,10 @@ def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | N
         command += ["--set", override]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
-        pytest.fail(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        causes = [line for line in result.stderr.splitlines()
+                  if any(word in line for word in ("Error", "error:", "terminate", "what()", "Traceback"))]
+        pytest.fail(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                    f"lines naming a cause:\n" + "\n".join(causes[:40]) + f"\nend of stderr:\n{result.stderr[-6000:]}")
     return result
 
 
