@@ -165,6 +165,7 @@ def test_model_card_renders_the_run():
     assert card.startswith("---\n") and "library_name: hf_spec" in card
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
     assert 'MedusaDrafter.from_pretrained("me/smollm2-medusa", target=model)' in card
+    assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in card
     assert "assistant_model=drafter" in card
     assert "| 1 | 2 | 0.250 | 0.400 |" in card  # per-head accuracy table
     assert "tau = **1.55**" in card and "**1.20x**" in card

@@ -35,6 +35,7 @@ def fake_model(sha256: str | None = None) -> om.OfflineModel:
         size=len(FAKE_BYTES),
         gguf_file="fake.gguf",
         license="none",
+        hub_id="nobody/fake",
     )
 
 

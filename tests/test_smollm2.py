@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from tests.identity import assert_greedy_identical
 
 pytestmark = pytest.mark.real_model
 MAX_NEW = 48
+TRAINED_MEDUSA = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
 
 
 def chat(tokenizer, text):
@@ -33,6 +36,7 @@ DRAFTERS = {
     "early-exit-chain": lambda model: hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=4),
     "early-exit-topk-tree": lambda model: hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=4, top_k=3),
     "self-draft-chain": lambda model: hf_spec.DraftModelDrafter(model, num_tokens=4),
+    "trained-medusa-tree": lambda model: hf_spec.MedusaDrafter.from_pretrained(TRAINED_MEDUSA, target=model),
 }
 
 
@@ -45,6 +49,8 @@ def test_greedy_identity_on_real_prompts(setup, name):
         assert_greedy_identical(model, reference, got)
     if name == "self-draft-chain":
         assert drafter.stats.accepted_tokens == drafter.stats.drafted_tokens  # the target drafting for itself
+    if name == "trained-medusa-tree":
+        assert drafter.stats.accepted_tokens > 0  # the committed heads were trained for this target
 
 
 def test_input_grounded_prompt_accepts_lookup_drafts(setup):

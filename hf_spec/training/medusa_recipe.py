@@ -33,7 +33,8 @@ from .evaluate import evaluate_heads, measure_generation
 from .hub import atomic_write_text, push_folder_to_hub, render_model_card
 from .losses import warmup_factor
 from .medusa_objective import MedusaObjective
-from .models import load_target, resolve_model_path
+from ..offline_models import OFFLINE_MODELS
+from .models import PREFIX as OFFLINE_PREFIX, load_target, resolve_model_path
 from .trainer import gathered_state_dict, make_accelerator, replicas_identical, train, zero_stage
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def model_card(config: RecipeConfig, summary: dict) -> str:
         card_data["license"] = config.hub.license
     return render_model_card(
         "medusa.md", card_data,
-        repo_id=repo_id, method=summary["method"], base_model=config.model.name_or_path,
+        repo_id=repo_id, method=summary["method"], base_model=card_data["base_model"] or config.model.name_or_path,
         medusa=config.medusa, medusa2=config.medusa2, data=config.data, training=config.training,
         data_info=summary["data"], evaluation=evaluation, heads=evaluation["heads"],
         generation=summary.get("generation"), summary=summary, top_k=config.eval.top_k,
@@ -203,9 +204,8 @@ def model_card(config: RecipeConfig, summary: dict) -> str:
 
 def _hub_base_model(name_or_path: str) -> str | None:
     """A Hub-style id for the card's ``base_model`` field, when the name is one."""
-    known = {"hf_spec:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-    if name_or_path in known:
-        return known[name_or_path]
+    if name_or_path.startswith(OFFLINE_PREFIX) and name_or_path[len(OFFLINE_PREFIX):] in OFFLINE_MODELS:
+        return OFFLINE_MODELS[name_or_path[len(OFFLINE_PREFIX):]].hub_id
     parts = name_or_path.split("/")
     return name_or_path if len(parts) == 2 and not Path(name_or_path).exists() else None
 
