@@ -127,3 +127,24 @@ def test_cli_with_yaml_config_on_a_local_model_folder(tmp_path, capsys):
     assert {record["method"] for record in payload["measurements"]} == {
         "plain", "transformers_prompt_lookup", "hf_spec:PromptLookupDrafter(num_tokens=4, max_candidates=2)"}
     assert (tmp_path / "out" / "speedup.png").is_file()
+
+
+def test_sampling_run_measures_every_rule_without_identity(tmp_path):
+    tokenizer = byte_tokenizer()
+    target = tiny_llama(len(tokenizer))
+    config = make_config(max_new_tokens=5, repeats=1, warmup=0, threads=1, early_exit_layers=2, temperature=0.8,
+                         out=str(tmp_path), progress=False,
+                         methods=["hf_spec:DraftModelDrafter(tree='static'*", "hf_spec:PromptLookupDrafter"])
+    result = run_bench(config, target=target, tokenizer=tokenizer, prompts=PROMPTS[:1])
+
+    rows = {row["method"]: row for row in result.rows}
+    assert set(rows) == {"plain", "hf_spec:PromptLookupDrafter", "hf_spec:DraftModelDrafter(tree='static')",
+                         "hf_spec:DraftModelDrafter(tree='static', verification='rrs_without_replacement')",
+                         "hf_spec:DraftModelDrafter(tree='static', verification='spechub')",
+                         "hf_spec:DraftModelDrafter(tree='static', verification='typical')"}
+    assert all(row["identical"] is None for row in rows.values())  # sampled outputs are not compared
+    assert not result.mismatches
+    assert all(row["overall"]["mean_accepted_tokens"] >= 1.0 for row in rows.values())
+    payload = json.loads(result.files["json"].read_text())
+    assert payload["config"]["temperature"] == 0.8
+    assert "Identical to plain" not in result.files["markdown"].read_text()

@@ -72,7 +72,7 @@ def setup():
     return target, heads, exact_triple_distribution(target)
 
 
-CASES = [("topk", "rrs"), ("sample", "rrs"), ("sample", "rrs_without_replacement")]
+CASES = [("topk", "rrs"), ("sample", "rrs"), ("sample", "rrs_without_replacement"), ("sample", "spechub")]
 
 
 @pytest.mark.parametrize("proposal,verification", CASES)

@@ -102,11 +102,13 @@ def test_training_runs_and_resumes_exactly(mode, tmp_path):
     assert (full / "README.md").read_text().count("| 2 | 3 |") == 1  # head 2 drafts depth 3, in the card's table
 
 
-def test_medusa2_lora_path(tmp_path):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_medusa2_lora_path(mode, tmp_path):
     output = tmp_path / "m2"
-    summary = train("single", output, tmp_path / "data", "medusa.version=2", "training.save_every_steps=null",
+    summary = train(mode, output, tmp_path / "data", "medusa.version=2", "training.save_every_steps=null",
                     "eval.generate_prompts=1", "eval.generate_max_new_tokens=8")
     assert summary["method"] == "Medusa-2"
+    assert summary["processes"] == MODES[mode] and summary["replicas_identical"]
     records = [json.loads(line) for line in (output / "metrics.jsonl").open()]
     assert [r["head_loss_scale"] for r in records[:3]] == [0.5, 1.0, 1.0]  # warm-up over 2 steps
     assert all(r["lm_loss"] >= 0 for r in records)  # KL to the target with adapters disabled

@@ -21,7 +21,7 @@ import yaml
 
 from .tasks import TASK_GROUPS
 
-QUICK = {"limit": 1, "max_new_tokens": 32, "repeats": 2, "warmup": 1}  # about five minutes for SmolLM2-135M on 2 cores
+QUICK = {"limit": 1, "max_new_tokens": 20, "repeats": 2, "warmup": 1}  # about five minutes for SmolLM2-135M on 2 cores
 
 
 @dataclass
