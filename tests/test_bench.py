@@ -148,3 +148,17 @@ def test_sampling_run_measures_every_rule_without_identity(tmp_path):
     payload = json.loads(result.files["json"].read_text())
     assert payload["config"]["temperature"] == 0.8
     assert "Identical to plain" not in result.files["markdown"].read_text()
+
+
+def test_results_identify_trained_drafter_weights():
+    from hf_spec import DraftModelDrafter, MedusaDrafter, MedusaHeads
+    from hf_spec.bench.runner import trained_weights_digests
+
+    target = tiny_llama(64)
+    heads = MedusaHeads.for_target(target, num_heads=2)
+    before = trained_weights_digests(MedusaDrafter(heads))
+    assert set(before) == {"heads"}
+    with torch.no_grad():
+        heads.heads[0].blocks[0].linear.weight.add_(1.0)
+    assert trained_weights_digests(MedusaDrafter(heads)) != before
+    assert trained_weights_digests(DraftModelDrafter(target)) == {}  # whole models are hashed as files instead

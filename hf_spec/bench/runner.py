@@ -9,12 +9,14 @@ repetitions in interleaved order, check greedy outputs against plain decoding, s
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from hf_spec.demo import load
 from hf_spec.drafters.early_exit import early_exit_model
@@ -121,7 +123,24 @@ def _draft_info(draft, label: str, config: BenchConfig) -> dict | None:
 
 
 def _method_info(method: Method) -> dict:
-    return {"name": method.name, "kind": method.kind, "description": method.description, "lossless": method.lossless}
+    info = {"name": method.name, "kind": method.kind, "description": method.description, "lossless": method.lossless}
+    if method.drafter is not None:
+        info["drafter"] = repr(method.drafter)
+        info["trained_weights_sha256"] = trained_weights_digests(method.drafter)
+    return info
+
+
+def trained_weights_digests(drafter) -> dict[str, str]:
+    """SHA-256 of the weights a drafter owns besides whole models (e.g. Medusa heads), by attribute name."""
+    digests = {}
+    for name, value in vars(drafter).items():
+        if not name.startswith("_") and isinstance(value, torch.nn.Module) and not isinstance(value, PreTrainedModel):
+            digest = hashlib.sha256()
+            for key, tensor in sorted(value.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            digests[name] = digest.hexdigest()
+    return digests
 
 
 def _item_info(item: BenchItem, outputs: dict, tokenizer) -> dict:
