@@ -20,6 +20,7 @@ import logging
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ from .hub import atomic_write_text, push_folder_to_hub, render_model_card
 from .losses import warmup_factor
 from .medusa_objective import MedusaObjective
 from ..offline_models import OFFLINE_MODELS
-from .models import PREFIX as OFFLINE_PREFIX, load_target, resolve_model_path
-from .trainer import gathered_state_dict, make_accelerator, replicas_identical, train, zero_stage
+from .models import PREFIX as OFFLINE_PREFIX, load_target, resolve_model_path, unpartitioned
+from .trainer import LaunchError, gathered_state_dict, make_accelerator, replicas_identical, train, zero_stage
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -52,7 +53,8 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
         torch.set_num_threads(training.num_threads)
     accelerator = make_accelerator(training, expected_processes)
     set_seed(training.seed)
-    target, tokenizer = load_target(config.model.name_or_path, config.model.dtype, config.model.attn_implementation)
+    with target_loading(accelerator, config):
+        target, tokenizer = load_target(config.model.name_or_path, config.model.dtype, config.model.attn_implementation)
     target.to(accelerator.device)  # self-distillation and hidden-state caching run on it before prepare()
     target_identity = target_fingerprint(config.model.name_or_path, target)
     with accelerator.main_process_first():
@@ -88,7 +90,8 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
                                 num_ranks=config.eval.num_ranks, tree_num_nodes=config.eval.tree_num_nodes)
     summary = export(accelerator, prepared, config, evaluation, result, data_info, train_seconds, command)
     if config.eval.generate_prompts and accelerator.is_main_process:
-        summary["generation"] = generation_check(config, datasets["heldout"])
+        with unpartitioned():
+            summary["generation"] = generation_check(config, datasets["heldout"])
         write_outputs(config, summary)
     if config.hub.push and accelerator.is_main_process:
         summary["hub_commit"] = publish(config)
@@ -101,6 +104,20 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
 def target_fingerprint(name_or_path: str, target) -> str:
     return json.dumps({"name": name_or_path, "path": resolve_model_path(name_or_path),
                        "config": target.config.to_json_string(use_diff=True)}, sort_keys=True)
+
+
+def target_loading(accelerator, config: RecipeConfig):
+    """Every rank loads the whole target (ZeRO-3 shards it in ``prepare()``), unless ``zero3_init_flag: true``
+    asks DeepSpeed to shard it while loading (for targets too big for one rank's memory)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not plugin.zero3_init_flag or zero_stage(accelerator) != 3:
+        return unpartitioned()
+    if config.data.self_distillation or config.data.cache_hidden_states:
+        raise LaunchError("zero3_init_flag: true shards the target as it loads, but data.self_distillation and "
+                          "data.cache_hidden_states run the whole target before training. Build the data first "
+                          "(same recipe with --prepare_data_only, launched without DeepSpeed), or set "
+                          "zero3_init_flag: false in the accelerate config.")
+    return nullcontext()
 
 
 def add_lora(target, config: RecipeConfig):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,6 +54,26 @@ def load_target(name_or_path: str, dtype: str = "float32", attn_implementation: 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.use_cache = False
     return model.eval(), tokenizer
+
+
+@contextmanager
+def unpartitioned():
+    """Load and run whole models on this rank alone while a DeepSpeed ZeRO-3 launch is active.
+
+    accelerate registers its DeepSpeed config with transformers even with ``zero3_init_flag: false``;
+    ``from_pretrained`` would then partition the weights with ``deepspeed.zero.Init`` (a collective call:
+    it hangs when one rank loads alone) and ``generate()`` would sync with ranks that are not generating.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    holder = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)  # transformers keeps it only as a weakref
+    config_object = holder() if holder is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config_object is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config_object)
 
 
 def tiny_tokenizer():
