@@ -161,3 +161,14 @@ def test_config_precedence_and_lists(tmp_path):
         bench_config.make_config(limt=3)
     with pytest.raises(ValueError, match="temperature"):
         bench_config.make_config(temperature=-1.0)
+
+
+def test_a_drafter_skipped_by_discovery_is_not_reported_unmeasured_when_a_spec_of_it_ran():
+    from types import SimpleNamespace
+
+    from hf_spec.bench.runner import _measured_as_spec
+
+    ran = [SimpleNamespace(name="plain"), SimpleNamespace(name="hf_spec:MedusaDrafter.from_pretrained(path_or_id='h')")]
+    assert _measured_as_spec("hf_spec:MedusaDrafter", ran)
+    assert not _measured_as_spec("hf_spec:MedusaDrafterX", ran)
+    assert not _measured_as_spec("hf_spec:DraftModelDrafter", ran)

@@ -44,6 +44,11 @@ class BenchResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def _measured_as_spec(name: str, methods) -> bool:
+    """Whether a drafter skipped by discovery (``hf_spec:Class``) runs anyway as an explicit spec (``hf_spec:Class(...)``)."""
+    return any(method.name.startswith(name + "(") or method.name.startswith(name + ".") for method in methods)
+
+
 def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
               prompts: list[Prompt] | None = None) -> BenchResult:
     """Run the benchmark. ``target``/``tokenizer``/``draft``/``prompts`` replace loading them from ``config``."""
@@ -65,6 +70,7 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     unsupported = warm_up(methods, items[0], config.warmup)
     skipped.update(unsupported)
     methods = [method for method in methods if method.name not in unsupported]
+    skipped = {name: why for name, why in skipped.items() if not _measured_as_spec(name, methods)}
     measurements, outputs = measure(target, methods, items, config.repeats, config.seed, not config.greedy,
                                     config.progress)
     mismatches: list[Mismatch] = []
