@@ -67,7 +67,7 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--methods", nargs="+", help="method names, globs (hf_spec:*) or hf_spec:Class(arg=value) "
                        "specs; default: all (see --list-methods)")
     bench.add_argument("--tasks", nargs="+", help="task groups (default: all)")
-    bench.add_argument("--limit", type=int, help="prompts per task group")
+    bench.add_argument("--limit", help="prompts per task group: N, or group=N pairs such as code=3,math=2,default=1")
     bench.add_argument("--max-new-tokens", type=int)
     bench.add_argument("--temperature", type=float, help="0 (default) decodes greedily; > 0 samples")
     bench.add_argument("--repeats", type=int, help="timed repetitions (median reported)")

@@ -163,6 +163,20 @@ def test_config_precedence_and_lists(tmp_path):
         bench_config.make_config(temperature=-1.0)
 
 
+def test_limit_per_task_group_from_flag_and_file(tmp_path):
+    assert bench_config.make_config(limit="code=3, math=2, default=1").limit == {"code": 3, "math": 2, "default": 1}
+    assert bench_config.make_config(limit="4").limit == 4
+    path = tmp_path / "bench.yaml"
+    path.write_text("limit: {mt_bench: 2, default: 1}\n")
+    assert bench_config.make_config(str(path)).limit == {"mt_bench": 2, "default": 1}
+    with pytest.raises(ValueError, match="unknown task group 'cod'"):
+        bench_config.make_config(limit="cod=3")
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        bench_config.make_config(limit={"code": 0})
+    with pytest.raises(ValueError, match="neither a number nor"):
+        bench_config.make_config(limit="many")
+
+
 def test_a_drafter_skipped_by_discovery_is_not_reported_unmeasured_when_a_spec_of_it_ran():
     from types import SimpleNamespace
 

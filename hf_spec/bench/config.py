@@ -33,7 +33,7 @@ class BenchConfig:
     early_exit_layers: int = 8
     methods: list[str] | None = None  # names, glob patterns or hf_spec:Class(...) specs; None: all available
     tasks: list[str] = field(default_factory=lambda: list(TASK_GROUPS))
-    limit: int | None = 5  # prompts per task group (MT-Bench: conversations of two turns)
+    limit: int | dict | None = 5  # prompts per task group, or {group: n, "default": n} (MT-Bench: 2-turn conversations)
     max_new_tokens: int = 128
     temperature: float = 0.0
     repeats: int = 3
@@ -85,8 +85,31 @@ def _validate(config: BenchConfig) -> None:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {config.temperature}.")
     if config.repeats < 1 or config.max_new_tokens < 1 or config.threads < 1:
         raise ValueError("repeats, max_new_tokens and threads must be at least 1.")
-    if config.limit is not None and config.limit < 1:
-        raise ValueError(f"limit must be at least 1 (or null for every prompt), got {config.limit}.")
+    if isinstance(config.limit, str):
+        config.limit = parse_limit(config.limit)
+    limits = config.limit.items() if isinstance(config.limit, dict) else [("limit", config.limit)]
+    for name, value in limits:
+        if name not in TASK_GROUPS and name not in ("default", "limit"):
+            raise ValueError(f"limit names an unknown task group {name!r}; choose from {', '.join(TASK_GROUPS)} or 'default'.")
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"limit for {name} must be a whole number >= 1 (or null for every prompt), got {value!r}.")
+
+
+def parse_limit(text: str) -> int | dict[str, int]:
+    """``"3"`` -> 3; ``"code=3, math=2, default=1"`` -> ``{"code": 3, "math": 2, "default": 1}``."""
+    if "=" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"limit {text!r} is neither a number nor group=number pairs (e.g. code=3,default=1).") from None
+    limits = {}
+    for part in split_list(text):
+        name, _, value = part.partition("=")
+        try:
+            limits[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"limit entry {part!r} is not group=number.") from None
+    return limits
 
 
 def split_list(text: str) -> list[str]:

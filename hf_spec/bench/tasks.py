@@ -85,14 +85,29 @@ TASK_GROUPS: dict[str, Callable[[], list[Prompt]]] = {
 }
 
 
-def load_tasks(groups: list[str] | None = None, limit: int | None = None, seed: int = 0) -> list[Prompt]:
-    """Up to ``limit`` prompts of each group (all with ``limit=None``), chosen with ``seed``."""
+def load_tasks(groups: list[str] | None = None, limit: int | dict[str, int | None] | None = None,
+               seed: int = 0) -> list[Prompt]:
+    """Up to ``limit`` prompts of each group (all with ``limit=None``), chosen with ``seed``.
+
+    ``limit`` is one number for every group or a mapping ``{group: number, "default": number}``.
+    """
     prompts: list[Prompt] = []
     for group in groups or list(TASK_GROUPS):
         if group not in TASK_GROUPS:
             raise ValueError(f"Unknown task group {group!r}; choose from {', '.join(TASK_GROUPS)}.")
-        prompts += select(TASK_GROUPS[group](), limit, f"{seed}/{group}")
+        prompts += select(TASK_GROUPS[group](), group_limit(limit, group), f"{seed}/{group}")
     return prompts
+
+
+def group_limit(limit: int | dict[str, int | None] | None, group: str) -> int | None:
+    """The number of prompts ``limit`` allows ``group``."""
+    if not isinstance(limit, dict):
+        return limit
+    if group in limit:
+        return limit[group]
+    if "default" in limit:
+        return limit["default"]
+    raise ValueError(f"limit {limit} has no entry for task group {group!r}: add one, or a 'default' entry.")
 
 
 def select(prompts: list[Prompt], limit: int | None, seed: str) -> list[Prompt]:
