@@ -37,7 +37,7 @@ def free_port() -> int:
 def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env_extra or {})}
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [ACCELERATE, "launch", "--main_process_port", str(free_port()), *accelerate_args,
                "recipes/train_medusa.py", "--config", TINY]

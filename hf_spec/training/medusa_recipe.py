@@ -89,14 +89,16 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
     evaluation = evaluate_heads(accelerator, prepared, heldout, top_k=config.eval.top_k,
                                 num_ranks=config.eval.num_ranks, tree_num_nodes=config.eval.tree_num_nodes)
     summary = export(accelerator, prepared, config, evaluation, result, data_info, train_seconds, command)
-    if config.eval.generate_prompts and accelerator.is_main_process:
+    # The distributed part ends here: no rank idles in a collective while the main one decodes and uploads.
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return summary
+    if config.eval.generate_prompts:
         with unpartitioned():
             summary["generation"] = generation_check(config, datasets["heldout"])
         write_outputs(config, summary)
-    if config.hub.push and accelerator.is_main_process:
+    if config.hub.push:
         summary["hub_commit"] = publish(config)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary
 
 
