@@ -128,3 +128,25 @@ def test_silent_single_process_launch_is_refused(tmp_path):
                                                        f"data.cache_dir={tmp_path}/data"], check=False)
     assert result.returncode != 0
     assert "Launch mismatch" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("running, env, expected, problem", [
+    (1, {"WORLD_SIZE": "2"}, None, "WORLD_SIZE=2 but 1 process"),
+    (2, {"WORLD_SIZE": "2"}, 4, "4 processes were expected, 2 are running"),
+    (1, {"MASTER_ADDR": "127.0.0.1"}, None, "started one"),
+])
+def test_world_size_mismatch_is_refused(monkeypatch, running, env, expected, problem):
+    from types import SimpleNamespace
+
+    from hf_spec.training.trainer import LaunchError, check_world_size
+
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    accelerator = SimpleNamespace(num_processes=running, state=SimpleNamespace(deepspeed_plugin=None))
+    with pytest.raises(LaunchError, match=problem):
+        check_world_size(accelerator, expected)
+    monkeypatch.setenv("WORLD_SIZE", str(running))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    check_world_size(accelerator, running)  # a matching launch passes
