@@ -14,6 +14,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..drafters.base import DraftRequest, Drafter
 from ..errors import UnsupportedError
 from .cache import check_cache_supported, keep_block_rows
+from .processors import TreeLogitsProcessor
 from .target import forward_tree, prefill, process_block_scores
 from .dynamic_tree import TreeSpec
 from .tree import DraftTree
@@ -47,8 +48,9 @@ def speculative_generate(
 ):
     """Speculative decoding with ``drafter``; use as ``model.generate(custom_generate=speculative_generate, drafter=...)``.
 
-    After ``import hf_spec``, ``model.generate(assistant_model=drafter)`` routes here too (and
-    passes the streamer as ``hf_spec_streamer``). ``verification`` is ``"auto"`` (``"greedy"`` when
+    After ``import hf_spec``, ``model.generate(assistant_model=drafter)`` routes here too; both entry
+    points pass through ``hf_spec.integration``, which hands the streamer over as ``hf_spec_streamer``
+    and turns stop strings into a stopping criterion (transformers gives neither to a callable). ``verification`` is ``"auto"`` (``"greedy"`` when
     ``do_sample=False``, ``"rrs"`` otherwise) or a name in ``hf_spec.engine.rules.RULES``:
     ``"greedy"``, ``"rrs"``, ``"rrs_without_replacement"``, ``"spechub"``, or the lossy ``"typical"``.
     ``tree`` (``"chain"``, ``"static"`` or ``"dynamic"``) with ``tree_budget``, ``tree_depth`` and
@@ -57,6 +59,7 @@ def speculative_generate(
     """
     rule = _choose_verification(verification, generation_config)
     _check_request(model, input_ids, generation_config, drafter, model_kwargs)
+    logits_processor = TreeLogitsProcessor(logits_processor)
     cache = model_kwargs["past_key_values"]
     check_cache_supported(cache, generation_config.max_length)
     tree_spec = _tree_spec(tree, tree_budget, tree_depth, tree_top_k)
@@ -89,9 +92,9 @@ def speculative_generate(
             input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
             emitted += 1
             if keep_scores:
-                scores.append(block_scores[row : row + 1])
+                scores.append(block_scores[row : row + 1].clone())  # owned: a view would keep the whole block alive
             if keep_logits:
-                raw_logits.append(forward.logits[row : row + 1].float())
+                raw_logits.append(forward.logits[row : row + 1].to(torch.float32, copy=True))
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
             if stopping_criteria(input_ids, block_scores[row : row + 1]).any():
@@ -100,7 +103,7 @@ def speculative_generate(
         # As in plain decoding, the cache holds every committed token but the last one.
         keep_block_rows(cache, block_start, verdict.block_rows[:emitted])
         drafter.observe(tree, len(verdict.accepted_nodes))
-        stats.record_step(tree.num_nodes, len(verdict.accepted_nodes), emitted)
+        stats.record_step(tree.num_nodes, min(len(verdict.accepted_nodes), emitted), emitted)
         if want_hidden:
             last_hidden = forward.hidden_states[verdict.block_rows[-1]]
 
