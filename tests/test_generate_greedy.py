@@ -155,7 +155,17 @@ def test_return_dict_scores_logits_and_cache_match_plain():
     options = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True,
                    output_logits=True, repetition_penalty=1.2)
     expected = target.generate(prompt, **options)
-    got = target.generate(prompt, assistant_model=hf_spec.PromptLookupDrafter(max_candidates=3, max_ngram=1), **options)
+    # A perturbed copy of the target: it speculates every step and is accepted often but not always,
+    # so scores and logits come from accepted draft rows, from correction rows and from bonus rows.
+    draft = tiny_model("llama")
+    with torch.no_grad():
+        for weight in draft.parameters():
+            weight.add_(torch.randn_like(weight) * 0.05)
+    drafter = hf_spec.DraftModelDrafter(draft, num_tokens=3, top_k=2)
+    got = target.generate(prompt, assistant_model=drafter, **options)
+    stats = drafter.stats
+    assert stats.drafted_tokens >= 3 * stats.target_forwards and 0 < stats.accepted_tokens < stats.new_tokens
+    assert stats.target_forwards < stats.new_tokens  # some steps emitted several tokens
     assert torch.equal(got.sequences, expected.sequences)
     assert len(got.scores) == len(expected.scores) == 12
     for ours, theirs in zip(got.scores, expected.scores):
