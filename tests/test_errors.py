@@ -81,12 +81,6 @@ def test_unknown_verification(target):
         generate(target, verification="magic")
 
 
-def test_sliding_window_shorter_than_the_request():
-    model = tiny_model("gemma3", sliding_window=16)
-    with pytest.raises(UnsupportedError, match="sliding-window"):
-        generate(model, max_new_tokens=30)
-
-
 def test_drafter_and_custom_generate_together(target):
     with pytest.raises(UnsupportedError, match="not both"):
         generate(target, custom_generate=hf_spec.speculative_generate)

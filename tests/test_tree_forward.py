@@ -54,7 +54,7 @@ def test_dynamic_tree_draft_forwards_match_path_forwards(monkeypatch):
     real_forward = draft_model_module.forward_with_mask
     rows_checked = []
 
-    def checked_forward(model, cache, tokens, positions, allowed, want_hidden=False):
+    def checked_forward(model, cache, tokens, positions, allowed):
         committed = drafter._cached_ids.tolist()
         past = cache.get_seq_length()
         if past == len(committed):
@@ -62,7 +62,7 @@ def test_dynamic_tree_draft_forwards_match_path_forwards(monkeypatch):
         row_tokens = checked_forward.row_tokens
         assert len(row_tokens) == past
         row_tokens.extend(tokens[0].tolist())
-        outputs = real_forward(model, cache, tokens, positions, allowed, want_hidden)
+        outputs = real_forward(model, cache, tokens, positions, allowed)
         for row in range(tokens.shape[1]):
             visible = [row_tokens[column] for column in allowed[row].nonzero().flatten().tolist()]
             assert visible[: len(committed)] == committed  # the whole context, then the node's own path

@@ -8,6 +8,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..errors import UnsupportedError
+from .cache import recording_block
+from .features import capture_features
 from .tree import DraftTree
 
 
@@ -16,13 +18,14 @@ class TreeForward:
     """Target outputs for every block row (row 0 = root, row i + 1 = node i)."""
 
     logits: torch.Tensor  # (n + 1, vocab), raw
-    hidden_states: torch.Tensor | None  # (n + 1, hidden), last layer, when requested
+    features: torch.Tensor | None  # (1, n + 1, dim): the drafter's requested target features, or None
 
 
-def prefill(model, cache, input_ids: torch.Tensor, want_hidden: bool = False) -> torch.Tensor | None:
+def prefill(model, cache, input_ids: torch.Tensor, features: tuple = ()) -> torch.Tensor | None:
     """Fill the cache with every committed token except the last one (the next step's root).
 
-    Returns the last-layer hidden state of the last prefilled position when ``want_hidden``.
+    Returns the ``features`` (resolved layer names, ``hf_spec.engine.features``) of the prefilled
+    positions, ``(1, rows, dim)``, or ``None`` when none are asked for.
     """
     start = cache.get_seq_length()
     if start >= input_ids.shape[1]:
@@ -30,12 +33,12 @@ def prefill(model, cache, input_ids: torch.Tensor, want_hidden: bool = False) ->
     pending = input_ids[:, start:-1]
     if pending.shape[1] == 0:
         return None
-    outputs = model(input_ids=pending, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    output_hidden_states=want_hidden)
-    return outputs.hidden_states[-1][0, -1] if want_hidden else None
+    with capture_features(model, features) as store:
+        model(input_ids=pending, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return store.features()
 
 
-def forward_tree(model, cache, root_token: torch.Tensor, tree: DraftTree, want_hidden: bool = False) -> TreeForward:
+def forward_tree(model, cache, root_token: torch.Tensor, tree: DraftTree, features: tuple = ()) -> TreeForward:
     """Run the target once over the root and all draft nodes.
 
     Position ids are the root's position plus each node's depth; a chain uses the model's own
@@ -51,15 +54,19 @@ def forward_tree(model, cache, root_token: torch.Tensor, tree: DraftTree, want_h
         ancestry = tree.block_ancestry()
         context = torch.ones(ancestry.shape[0], past_length, dtype=torch.bool, device=ancestry.device)
         allowed = torch.cat([context, ancestry], dim=1)
-    outputs = forward_with_mask(model, cache, block_tokens, positions, allowed, want_hidden)
-    hidden = outputs.hidden_states[-1][0] if want_hidden else None
-    return TreeForward(logits=outputs.logits[0], hidden_states=hidden)
+    with capture_features(model, features) as store:
+        outputs = forward_with_mask(model, cache, block_tokens, positions, allowed)
+    return TreeForward(logits=outputs.logits[0], features=store.features())
 
 
-def forward_with_mask(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
-                      want_hidden: bool = False):
+def forward_with_mask(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None):
     """Run ``model`` on new ``tokens`` after ``cache``; ``allowed`` is the ``(new, cached + new)`` bool
-    attention pattern, or ``None`` for the model's own causal mask. Goes through the public forward."""
+    attention pattern, or ``None`` for the model's own causal mask. Goes through the public forward.
+
+    Each row of ``allowed`` must be that row's whole sequence (context, then its tree path, then
+    itself) in order: sliding-window layers see only its last ``window`` entries. The new rows can
+    be rolled back afterwards with ``keep_block_rows``.
+    """
     past_length = cache.get_seq_length()
     attention_mask = None
     if allowed is not None:
@@ -68,18 +75,73 @@ def forward_with_mask(model, cache, tokens: torch.Tensor, positions: torch.Tenso
                 "Tree drafts need a 4D attention mask, which flash attention cannot take; load the model "
                 "with attn_implementation='sdpa' (or 'eager'), or use a chain drafter."
             )
-        attention_mask = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
-        attention_mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
-        attention_mask = attention_mask[None, None]
-    return model(
-        input_ids=tokens,
-        position_ids=positions,
-        cache_position=torch.arange(past_length, past_length + tokens.shape[1], device=tokens.device),
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=want_hidden,
-    )
+        attention_mask = tree_attention_masks(model, cache, allowed)
+    with recording_block(cache):
+        return model(
+            input_ids=tokens,
+            position_ids=positions,
+            cache_position=torch.arange(past_length, past_length + tokens.shape[1], device=tokens.device),
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+
+
+def tree_attention_masks(model, cache, allowed: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The additive 4D mask(s) the model's forward takes for the attention pattern ``allowed``.
+
+    A model whose layers all attend to the full context gets one ``(1, 1, new, cached + new)`` mask.
+    A model with sliding-window layers (``config.layer_types``) gets one mask per layer type, as its
+    forward accepts: the sliding one keeps of each row only its last ``sliding_window`` allowed keys
+    (as plain decoding does: a query attends to the ``window`` most recent positions of its own
+    sequence, itself included) and covers only the keys the sliding cache layers return.
+    """
+    config = model.config.get_text_config(decoder=True)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if set(layer_types) <= {"full_attention"}:
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            raise UnsupportedError(
+                f"{type(model).__name__} has sliding-window cache layers but no `config.layer_types` naming them; "
+                "hf_spec cannot build its tree masks. Use a chain drafter or plain generate()."
+            )
+        return _additive(allowed, model.dtype)
+    masks = {}
+    for layer_type in set(layer_types):
+        if layer_type == "full_attention":
+            masks[layer_type] = _additive(allowed, model.dtype)
+        elif layer_type == "sliding_attention":
+            pattern = _sliding_pattern(allowed, config.sliding_window)
+            masks[layer_type] = _additive(_visible_part(pattern, cache, layer_types.index(layer_type)), model.dtype)
+        else:
+            raise UnsupportedError(
+                f"Layer type {layer_type!r} of {type(model).__name__} is not supported with tree drafts "
+                "(only 'full_attention' and 'sliding_attention'); use a chain drafter or plain generate()."
+            )
+    return masks
+
+
+def _sliding_pattern(allowed: torch.Tensor, window: int) -> torch.Tensor:
+    """Keep of each row its last ``window`` allowed keys."""
+    allowed_from_here = allowed.flip(-1).cumsum(-1).flip(-1)  # allowed keys at or after each column
+    return allowed & (allowed_from_here <= window)
+
+
+def _visible_part(pattern: torch.Tensor, cache, layer_index: int) -> torch.Tensor:
+    """The columns of ``pattern`` a cache layer returns to attention (a sliding layer: the tail only)."""
+    kv_length, kv_offset = cache.get_mask_sizes(pattern.shape[0], layer_index)
+    if kv_offset + kv_length != pattern.shape[1] or pattern[:, :kv_offset].any():
+        raise RuntimeError(
+            f"Cache layer {layer_index} returns keys {kv_offset}..{kv_offset + kv_length - 1} but the tree attends to "
+            f"{pattern.shape[1]} positions inside the window: the cache dropped keys this forward needs "
+            "(a sliding-window cache that grew several tree levels without rolling back? use full_history_cache)."
+        )
+    return pattern[:, kv_offset:]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 def process_block_scores(
