@@ -4,7 +4,7 @@
     out = model.generate(**inputs, assistant_model=hf_spec.PromptLookupDrafter(), max_new_tokens=128)
 """
 
-from .drafters.base import DraftRequest, Drafter
+from .engine.drafter import DraftRequest, Drafter, StepOutcome
 from .drafters.draft_model import DraftModelDrafter
 from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
 from .drafters.prompt_lookup import PromptLookupDrafter
@@ -26,6 +26,7 @@ __all__ = [
     "MedusaDrafter",
     "MedusaHeads",
     "PromptLookupDrafter",
+    "StepOutcome",
     "UnsupportedError",
     "allow_model_type",
     "speculative_generate",

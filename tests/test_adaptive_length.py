@@ -20,11 +20,11 @@ def proposed_lengths(target, drafter, prompt, accepted: list | None = None) -> t
     lengths = []
     observe = drafter.observe
 
-    def recording_observe(tree, num_accepted):
-        lengths.append(max(tree.depths, default=0))
+    def recording_observe(outcome):
+        lengths.append(max(outcome.tree.depths, default=0))
         if accepted is not None:
-            accepted.append(num_accepted)
-        observe(tree, num_accepted)
+            accepted.append(outcome.num_accepted)
+        observe(outcome)
 
     drafter.observe = recording_observe
     out = target.generate(prompt, assistant_model=drafter, do_sample=False, max_new_tokens=MAX_NEW)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..engine.cache import check_cache_supported
+from ..engine.cache import full_history_cache
 from ..engine.dynamic_tree import TreeSpec, grow_dynamic_tree
 from ..engine.siblings import draw_siblings
 from ..engine.target import forward_with_mask
 from ..engine.tree import DraftTree
 from ..errors import UnsupportedError
-from .base import DraftRequest, Drafter
+from .base import DraftRequest, Drafter, StepOutcome
 
 
 class DraftModelDrafter(Drafter):
@@ -40,11 +40,15 @@ class DraftModelDrafter(Drafter):
             ``tree="chain"`` means "static".
         tree_budget: nodes kept in a dynamic tree.
         max_num_tokens: upper bound for the heuristic schedule.
+        draft_vocab: a ``DraftVocabulary`` (VocabTrim / FR-Spec / EAGLE-3's d2t): the draft scores only
+            these target tokens (its lm_head rows are sliced once per generate() call), so each draft
+            step costs less; draft distributions are exactly zero outside the subset, greedy drafts
+            take the subset's argmax, and verification stays exact.
     """
 
     def __init__(self, draft_model, num_tokens: int = 5, schedule: str = "constant",
                  confidence_threshold: float | None = None, tree: str = "chain", top_k: int | None = None,
-                 tree_budget: int = 32, max_num_tokens: int = 16):
+                 tree_budget: int = 32, max_num_tokens: int = 16, draft_vocab=None):
         super().__init__()
         if schedule not in ("constant", "heuristic"):
             raise ValueError(f"schedule must be 'constant' or 'heuristic', got {schedule!r}.")
@@ -62,6 +66,8 @@ class DraftModelDrafter(Drafter):
         self.max_num_tokens = max(max_num_tokens, num_tokens)
         self._cache: DynamicCache | None = None
         self._cached_ids = torch.empty(0, dtype=torch.long)
+        self.draft_vocab = draft_vocab
+        self._forward_model = draft_model  # the draft model, or its trimmed-vocabulary view (set in begin)
 
     def begin(self, target, input_ids, generation_config, logits_processor, sibling_scheme="top_k",
               tree: TreeSpec | None = None) -> None:
@@ -81,9 +87,11 @@ class DraftModelDrafter(Drafter):
                 "move them to the same device."
             )
         self.num_tokens = self.initial_num_tokens
-        self._cache = DynamicCache(config=self.draft_model.config)
-        check_cache_supported(self._cache, generation_config.max_length + self.max_num_tokens)
+        # Sliding-window layers keep their whole history here (the masks apply the window): a dynamic tree
+        # adds several levels to this cache before rolling back, more than a window-sized layer would keep.
+        self._cache = full_history_cache(self.draft_model.config)
         self._cached_ids = input_ids.new_empty(0)
+        self._forward_model = self._trimmed_view(target_vocab) if self.draft_vocab is not None else self.draft_model
 
     def propose(self, request: DraftRequest) -> DraftTree:
         ids = request.input_ids[0]
@@ -117,10 +125,10 @@ class DraftModelDrafter(Drafter):
         draft_probs = None if probs[0] is None else torch.stack(probs)
         return DraftTree(torch.tensor(tokens, device=ids.device), torch.tensor(parents, device=ids.device), draft_probs)
 
-    def observe(self, tree: DraftTree, num_accepted: int) -> None:
+    def observe(self, outcome: StepOutcome) -> None:
         if self.schedule != "heuristic":
             return
-        if num_accepted == max(tree.depths, default=0):
+        if outcome.num_accepted == max(outcome.tree.depths, default=0):
             self.num_tokens = min(self.num_tokens + 2, self.max_num_tokens)
         else:
             self.num_tokens = max(self.num_tokens - 1, 1)
@@ -169,7 +177,7 @@ class DraftModelDrafter(Drafter):
         device = self._cached_ids.device
         node_tokens = torch.tensor([[tokens[node] for node in nodes]], device=device)
         positions = committed - 1 + torch.tensor([depths], device=device)
-        outputs = forward_with_mask(self.draft_model, self._cache, node_tokens, positions, allowed.to(device))
+        outputs = forward_with_mask(self._forward_model, self._cache, node_tokens, positions, allowed.to(device))
         return outputs.logits[0]
 
     def _confidence(self, scores: torch.Tensor, token: int) -> float:
@@ -190,10 +198,20 @@ class DraftModelDrafter(Drafter):
         return self._run_draft(ids[common:])
 
     def _run_draft(self, new_ids: torch.Tensor) -> torch.Tensor:
-        outputs = self.draft_model(input_ids=new_ids[None], past_key_values=self._cache, use_cache=True,
-                                   logits_to_keep=1)
+        outputs = self._forward_model(input_ids=new_ids[None], past_key_values=self._cache, use_cache=True,
+                                      logits_to_keep=1)
         self._cached_ids = torch.cat([self._cached_ids, new_ids])
         return outputs.logits[0, -1]
+
+    def _trimmed_view(self, target_vocab: int):
+        from .draft_vocab import TrimmedOutputModel
+
+        if self.draft_vocab.target_vocab_size != target_vocab:
+            raise UnsupportedError(
+                f"The draft vocabulary maps a {self.draft_vocab.target_vocab_size}-token vocabulary but the target "
+                f"has {target_vocab} logits; select the draft vocabulary from this target's outputs."
+            )
+        return TrimmedOutputModel(self.draft_model, self.draft_vocab)
 
     def __repr__(self) -> str:
         return (f"DraftModelDrafter({type(self.draft_model).__name__}, num_tokens={self.initial_num_tokens}, "

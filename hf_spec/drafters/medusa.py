@@ -42,6 +42,7 @@ from ..training.hub import (
     resolve_pretrained,
     save_weights_and_config,
 )
+from ..engine.features import FINAL
 from .base import DraftRequest, Drafter
 
 logger = logging.getLogger(__name__)
@@ -408,7 +409,7 @@ class MedusaDrafter(Drafter):
     the target's (greedy) or distributed exactly as the target's (sampling).
     """
 
-    needs_target_hidden_states = True
+    target_features = (FINAL,)  # Medusa heads read the last hidden state after the final norm
 
     def __init__(self, heads: MedusaHeads, tree: str | list | None = None, num_nodes: int | None = None,
                  proposal: str = "topk"):
@@ -481,12 +482,12 @@ class MedusaDrafter(Drafter):
     @torch.no_grad()
     def propose(self, request: DraftRequest) -> DraftTree:
         device = request.input_ids.device
-        hidden = request.target_hidden
         skeleton = self.rank_tree
         if skeleton.max_depth > request.max_tokens:
             skeleton = skeleton.up_to_depth(request.max_tokens)
-        if hidden is None or skeleton.max_depth == 0:
+        if request.target_features is None or skeleton.max_depth == 0:
             return DraftTree.empty(device)
+        hidden = request.last_feature
         num_heads = skeleton.max_depth
         logits = torch.stack([self.heads.head_logits(k, hidden[None], self._lm_head)[0] for k in range(num_heads)])
         scores = self.logits_processor(request.input_ids.expand(num_heads, -1), logits.float())

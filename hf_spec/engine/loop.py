@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..drafters.base import DraftRequest, Drafter
+from .drafter import DraftRequest, Drafter, StepOutcome
+from .features import resolve_layers
 from ..errors import UnsupportedError
 from .cache import check_cache_supported, keep_block_rows
 from .processors import TreeLogitsProcessor
 from .target import forward_tree, prefill, process_block_scores
 from .dynamic_tree import TreeSpec
-from .tree import DraftTree
 from .rules import RULES, VerificationRule
 
 # Architectures whose tree attention (4D mask + position ids through the public forward) is tested.
@@ -50,7 +50,9 @@ def speculative_generate(
 
     After ``import hf_spec``, ``model.generate(assistant_model=drafter)`` routes here too; both entry
     points pass through ``hf_spec.integration``, which hands the streamer over as ``hf_spec_streamer``
-    and turns stop strings into a stopping criterion (transformers gives neither to a callable). ``verification`` is ``"auto"`` (``"greedy"`` when
+    and turns stop strings into a stopping criterion (transformers gives neither to a callable).
+
+    ``verification`` is ``"auto"`` (``"greedy"`` when
     ``do_sample=False``, ``"rrs"`` otherwise) or a name in ``hf_spec.engine.rules.RULES``:
     ``"greedy"``, ``"rrs"``, ``"rrs_without_replacement"``, ``"spechub"``, or the lossy ``"typical"``.
     ``tree`` (``"chain"``, ``"static"`` or ``"dynamic"``) with ``tree_budget``, ``tree_depth`` and
@@ -61,7 +63,7 @@ def speculative_generate(
     _check_request(model, input_ids, generation_config, drafter, model_kwargs)
     logits_processor = TreeLogitsProcessor(logits_processor)
     cache = model_kwargs["past_key_values"]
-    check_cache_supported(cache, generation_config.max_length)
+    check_cache_supported(cache)
     tree_spec = _tree_spec(tree, tree_budget, tree_depth, tree_top_k)
     drafter.begin(model, input_ids, generation_config, logits_processor, sibling_scheme=rule.sibling_scheme,
                   **({"tree": tree_spec} if tree_spec else {}))
@@ -73,16 +75,15 @@ def speculative_generate(
     keep_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     keep_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     scores, raw_logits = [], []
-    want_hidden = drafter.needs_target_hidden_states
-    last_hidden = prefill(model, cache, input_ids, want_hidden)
+    features = resolve_layers(model, drafter.target_features)
+    new_features = prefill(model, cache, input_ids, features)
 
     finished = False
     while not finished:
         remaining = generation_config.max_length - input_ids.shape[1]
-        tree = drafter.propose(DraftRequest(input_ids, max(remaining - 1, 0), last_hidden))
-        tree = _fit_to_cache(tree, cache)
+        tree = drafter.propose(DraftRequest(input_ids, max(remaining - 1, 0), new_features))
         block_start = cache.get_seq_length()
-        forward = forward_tree(model, cache, input_ids[0, -1], tree, want_hidden)
+        forward = forward_tree(model, cache, input_ids[0, -1], tree, features)
         block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
         verdict = rule.verify(tree, block_scores)
 
@@ -101,11 +102,13 @@ def speculative_generate(
                 finished = True
                 break
         # As in plain decoding, the cache holds every committed token but the last one.
-        keep_block_rows(cache, block_start, verdict.block_rows[:emitted])
-        drafter.observe(tree, len(verdict.accepted_nodes))
-        stats.record_step(tree.num_nodes, min(len(verdict.accepted_nodes), emitted), emitted)
-        if want_hidden:
-            last_hidden = forward.hidden_states[verdict.block_rows[-1]]
+        kept_rows = verdict.block_rows[:emitted]
+        keep_block_rows(cache, block_start, kept_rows)
+        accepted = verdict.accepted_nodes[:emitted]
+        drafter.observe(StepOutcome(tree, accepted, verdict.next_token if emitted > len(accepted) else None))
+        stats.record_step(tree.num_nodes, len(accepted), emitted)
+        if features:
+            new_features = forward.features[:, kept_rows]
 
     if streamer is not None:
         streamer.end()
@@ -143,15 +146,6 @@ def _tree_spec(tree, budget, depth, top_k) -> TreeSpec | None:
     defaults = TreeSpec()
     return TreeSpec(tree, depth=depth, top_k=top_k or {"chain": 1, "static": 2}.get(tree, defaults.top_k),
                     budget=budget or defaults.budget)
-
-
-def _fit_to_cache(tree: DraftTree, cache) -> DraftTree:
-    """Drop trailing nodes that would push a sliding-window layer past its window (lossless: parents come first)."""
-    windows = [layer.sliding_window for layer in cache.layers if hasattr(layer, "sliding_window")]
-    if not windows:
-        return tree
-    room = min(windows) - 2 - cache.get_seq_length()
-    return tree if tree.num_nodes <= room else tree.truncated(max(room, 0))
 
 
 def _check_request(model, input_ids, generation_config, drafter, model_kwargs) -> None:
