@@ -7,6 +7,7 @@ import torch
 
 import hf_spec
 from hf_spec.engine.features import FINAL, capture_features, resolve_layers
+from tests.helpers import perturbed_copy
 from tests.conftest import ARCHITECTURES, tiny_model, tiny_prompt
 
 MAX_NEW = 30
@@ -29,15 +30,6 @@ class RecordingDrafter(hf_spec.DraftModelDrafter):
         super().observe(outcome)
 
 
-def perturbed(model, scale=0.004, seed=0):
-    copy = tiny_model(model.config.model_type.replace("_text", ""), seed=0)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for weight in copy.parameters():
-            weight.add_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * scale)
-    return copy
-
-
 def reference_features(model, sequence, layers):
     """The same layers from one plain forward over the whole final sequence."""
     with capture_features(model, resolve_layers(model, layers)) as store, torch.no_grad():
@@ -53,7 +45,7 @@ CASES = [(arch, dict(num_tokens=3, top_k=3)) for arch in ARCHITECTURES] + [
 def test_features_of_every_committed_position_in_order(arch, tree):
     target = tiny_model(arch)
     layers = (0, 1, -1, FINAL)  # embeddings, input of layer 1, last layer before the norm, after the norm
-    drafter = RecordingDrafter(perturbed(target), layers, **tree)
+    drafter = RecordingDrafter(perturbed_copy(target, 0.2), layers, **tree)
     prompt = tiny_prompt(3)
     out = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
     assert torch.equal(out, target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False))
@@ -74,7 +66,7 @@ def test_features_of_every_committed_position_in_order(arch, tree):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_observe_gets_the_accepted_path_and_the_target_token(arch):
     target = tiny_model(arch)
-    drafter = RecordingDrafter(perturbed(target), (), num_tokens=3, top_k=3)
+    drafter = RecordingDrafter(perturbed_copy(target, 0.2), (), num_tokens=3, top_k=3)
     prompt = tiny_prompt(5)
     out = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
     committed = out[0, prompt.shape[1]:].tolist()
@@ -107,7 +99,7 @@ def test_features_are_captured_during_the_verification_forward_only(monkeypatch)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(target), "forward", counting_forward)
-    drafter = RecordingDrafter(perturbed(target), (2, FINAL), num_tokens=3)
+    drafter = RecordingDrafter(perturbed_copy(target, 0.2), (2, FINAL), num_tokens=3)
     target.generate(tiny_prompt(2), max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
     assert len(calls) == drafter.stats.target_forwards + 1
 

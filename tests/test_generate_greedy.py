@@ -7,6 +7,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import hf_spec
+from tests.helpers import perturbed_copy
 from tests.conftest import ARCHITECTURES, tiny_model, tiny_prompt
 
 MAX_NEW = 40
@@ -157,11 +158,7 @@ def test_return_dict_scores_logits_and_cache_match_plain():
     expected = target.generate(prompt, **options)
     # A perturbed copy of the target: it speculates every step and is accepted often but not always,
     # so scores and logits come from accepted draft rows, from correction rows and from bonus rows.
-    draft = tiny_model("llama")
-    with torch.no_grad():
-        for weight in draft.parameters():
-            weight.add_(torch.randn_like(weight) * 0.05)
-    drafter = hf_spec.DraftModelDrafter(draft, num_tokens=3, top_k=2)
+    drafter = hf_spec.DraftModelDrafter(perturbed_copy(target, 0.2), num_tokens=3, top_k=2)
     got = target.generate(prompt, assistant_model=drafter, **options)
     stats = drafter.stats
     assert stats.drafted_tokens >= 3 * stats.target_forwards and 0 < stats.accepted_tokens < stats.new_tokens

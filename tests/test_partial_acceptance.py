@@ -10,7 +10,6 @@ case is still token-for-token identical to plain greedy ``generate()``.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 import hf_spec
 from hf_spec.engine import cache as cache_module
 from hf_spec.engine import loop as loop_module
+from tests.helpers import perturbed_copy
 from tests.conftest import tiny_model, tiny_prompt
 
 MAX_NEW = 40
@@ -31,17 +31,6 @@ TREES = {
     "static": dict(tree="static", top_k=2),
     "dynamic": dict(tree="dynamic", top_k=2, tree_budget=16),  # budget big enough to keep depth-4 nodes
 }
-
-
-def perturbed_copy(model, scale: float, seed: int = 1):
-    """``model`` with gaussian noise of ``scale`` times each weight tensor's standard deviation added."""
-    noisy = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in noisy.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(noise * scale * parameter.std().clamp_min(1e-3))
-    return noisy
 
 
 class StepRecorder:

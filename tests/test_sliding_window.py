@@ -24,7 +24,7 @@ from hf_spec.engine.cache import keep_block_rows
 from hf_spec.engine.target import forward_tree, prefill
 from hf_spec.engine.tree import DraftTree
 from tests.conftest import tiny_model, tiny_prompt
-from tests.test_partial_acceptance import perturbed_copy
+from tests.helpers import perturbed_copy
 
 WINDOW = 16
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
