@@ -3,11 +3,12 @@
     accelerate launch --config_file configs/accelerate/<single|ddp|zero2|zero3>.yaml \
         recipes/train_medusa.py --config configs/medusa/<model>.yaml [--set section.key=value ...]
 
-On CPU-only machines prefix multi-process launches with ACCELERATE_USE_CPU=true. Everything happens
-in hf_spec.training.medusa_recipe; see configs/medusa/*.yaml for the settings.
+The same as ``recipes/train.py`` for recipes of ``method: medusa`` (it refuses any other method). On
+CPU-only machines prefix DDP launches with ACCELERATE_USE_CPU=true. The method is
+hf_spec/training/methods/medusa.py; see configs/medusa/*.yaml for the settings.
 """
 
-from hf_spec.training.medusa_recipe import main
+from hf_spec.training.recipe import main
 
 if __name__ == "__main__":
-    main()
+    main(method="medusa")

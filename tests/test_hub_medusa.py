@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from hf_spec.training.config import load_config
-from hf_spec.training.medusa_recipe import model_card
+from hf_spec.training.recipe import model_card
 from hf_spec.training.models import models_cache
 from hf_spec.training.provenance import (
     hub_model_id,

@@ -1,4 +1,5 @@
-"""recipes/train_medusa.py under every launch it supports, on the tiny random Llama (CPU, gloo).
+"""recipes/train.py (the training core, here with the Medusa method) under every launch it supports, on the
+tiny random Llama (CPU, gloo).
 
 Each mode trains 8 steps with a checkpoint at step 4, then a second launch resumes from that
 checkpoint: the loss must be finite and decreasing, every rank must hold identical weights, and the
@@ -40,7 +41,7 @@ def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | N
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [ACCELERATE, "launch", "--main_process_port", str(free_port()), *accelerate_args,
-               "recipes/train_medusa.py", "--config", TINY]
+               "recipes/train.py", "--config", TINY]
     for override in overrides:
         command += ["--set", override]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -140,7 +141,7 @@ def test_silent_single_process_launch_is_refused(tmp_path):
 def test_world_size_mismatch_is_refused(monkeypatch, running, env, expected, problem):
     from types import SimpleNamespace
 
-    from hf_spec.training.trainer import LaunchError, check_world_size
+    from hf_spec.training.launch import LaunchError, check_world_size
 
     for name in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)
@@ -175,7 +176,7 @@ def test_resuming_in_place_logs_each_step_once_and_a_changed_recipe_is_refused(t
 
 
 def test_recipe_fingerprint_names_the_changed_sections(tmp_path):
-    from hf_spec.training.trainer import ResumeError, check_same_recipe, recipe_fingerprint
+    from hf_spec.training.checkpoints import ResumeError, check_same_recipe, recipe_fingerprint
 
     saved = recipe_fingerprint({"model": {"name": "a"}, "data": {"max_length": 128}, "medusa": {"num_heads": 3}})
     check_same_recipe(tmp_path, saved, dict(saved))
@@ -186,7 +187,7 @@ def test_recipe_fingerprint_names_the_changed_sections(tmp_path):
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_resumed_one(tmp_path):
-    from hf_spec.training.trainer import truncate_metrics
+    from hf_spec.training.loop import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')

@@ -1,12 +1,16 @@
 """Recipe configuration: one YAML file per (method, model), strict about unknown keys.
 
-Every section is a dataclass, so a typo in a YAML key or a ``--set section.key=value`` override is an
-error naming the valid keys instead of a silently ignored setting.
+Every recipe has the sections ``model``, ``data``, ``training``, ``eval`` and ``hub`` (this module) and
+names its ``method``; the method adds its own sections (``hf_spec.training.methods``; Medusa adds
+``medusa`` and ``medusa2``). Every section is a dataclass, so a typo in a YAML key or a
+``--set section.key=value`` override is an error naming the valid keys instead of a silently ignored
+setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,35 +46,8 @@ class DataSection:
 
 
 @dataclass
-class MedusaSection:
-    version: int = 1  # 1: heads only, target frozen; 2: heads + LoRA on the target (peft)
-    num_heads: int = 4
-    num_layers: int = 1
-    share_lm_head: bool = True
-
-
-@dataclass
-class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class Medusa2Section:
-    """Medusa-2 joint training: ``L = L_LM + lambda_t * sum_k decay^k CE_k`` with ``lambda_t`` warmed up."""
-
-    lora: LoraSection = field(default_factory=LoraSection)
-    head_loss_weight: float = 0.2  # lambda
-    head_loss_warmup_steps: int = 0  # lambda grows linearly from 0 over these optimizer steps
-    head_lr_multiplier: float = 4.0
-    lm_loss: str = "kl_to_base"  # "kl_to_base": self-distillation to the target with adapters disabled; "ce"
-
-
-@dataclass
 class TrainingSection:
-    output_dir: str = "outputs/medusa"
+    output_dir: str = "outputs/train"
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 2
@@ -95,9 +72,9 @@ class TrainingSection:
 @dataclass
 class EvalSection:
     top_k: int = 5
-    num_ranks: int = 10  # rank accuracies kept per head (for the default tree)
+    num_ranks: int = 10  # rank accuracies kept per head (for a tree drafter's default tree)
     tree_num_nodes: int = 32
-    generate_prompts: int = 0  # held-out prompts decoded with MedusaDrafter to measure tau and speed
+    generate_prompts: int = 0  # held-out prompts decoded with the trained drafter to measure tau and speed
     generate_max_new_tokens: int = 128
 
 
@@ -111,16 +88,30 @@ class HubSection:
 
 @dataclass
 class RecipeConfig:
+    """The sections every method shares; ``recipe_config_class(method)`` adds the method's own sections."""
+
+    method: str = ""  # a registered training method (hf_spec.training.methods), e.g. "medusa"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    medusa: MedusaSection = field(default_factory=MedusaSection)
-    medusa2: Medusa2Section = field(default_factory=Medusa2Section)
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     hub: HubSection = field(default_factory=HubSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def method_sections(self) -> dict[str, Any]:
+        """The sections the method added (e.g. ``{"medusa": MedusaSection(...), "medusa2": ...}``)."""
+        shared = {spec.name for spec in dataclasses.fields(RecipeConfig)}
+        return {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.name not in shared}
+
+
+@functools.cache
+def recipe_config_class(method) -> type[RecipeConfig]:
+    """``RecipeConfig`` plus one field per section ``method`` registers (``method.sections``)."""
+    extra = [(name, section, field(default_factory=section)) for name, section in method.sections.items()]
+    title = "".join(part.capitalize() for part in method.name.replace("-", "_").split("_"))
+    return dataclasses.make_dataclass(f"{title}RecipeConfig", extra, bases=(RecipeConfig,))
 
 
 class ConfigError(ValueError):
@@ -162,35 +153,55 @@ def apply_override(tree: dict, assignment: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
-    """Read a recipe YAML and apply ``--set`` overrides; unknown keys raise ``ConfigError``."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None) -> RecipeConfig:
+    """Read a recipe YAML and apply ``--set`` overrides; unknown keys raise ``ConfigError``.
+
+    The method is the YAML's ``method:`` key, else ``method`` (an entry point for one method, e.g.
+    ``recipes/train_medusa.py``), else the one registered method whose sections the YAML has.
+    """
+    from .methods import get_method
+
     tree: dict[str, Any] = {}
     if path is not None:
         tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     for assignment in overrides or []:
         apply_override(tree, assignment)
-    config = build_section(RecipeConfig, tree, "the recipe config")
-    validate(config)
+    chosen = get_method(choose_method(tree, method))
+    config = build_section(recipe_config_class(chosen), {**tree, "method": chosen.name}, "the recipe config")
+    validate(config, chosen)
     return config
 
 
-def validate(config: RecipeConfig) -> None:
+def choose_method(tree: dict, entry_point_method: str | None) -> str:
+    """The method a recipe tree asks for (see ``load_config``)."""
+    from .methods import method_names, method_sections
+
+    named = tree.get("method")
+    if named and entry_point_method and named != entry_point_method:
+        raise ConfigError(f"This recipe trains method {named!r}, but this entry point trains {entry_point_method!r}: "
+                          "launch recipes/train.py (any method) instead.")
+    if named or entry_point_method:
+        return named or entry_point_method
+    present = [name for name in method_names() if set(method_sections(name)) & set(tree)]
+    if len(present) != 1:
+        raise ConfigError(f"Say which method the recipe trains: add `method: <name>` to it (registered methods: "
+                          f"{method_names()}){'; its sections fit ' + str(present) if present else ''}.")
+    return present[0]
+
+
+def validate(config: RecipeConfig, method) -> None:
+    """Raise ``ConfigError`` listing every problem of the shared sections and of ``method``'s (``method.validate``)."""
     problems = []
     if not config.model.name_or_path:
         problems.append("model.name_or_path is required")
-    if config.medusa.version not in (1, 2):
-        problems.append(f"medusa.version must be 1 or 2, got {config.medusa.version}")
     if config.data.labels not in ("soft", "hard"):
         problems.append(f"data.labels must be 'soft' or 'hard', got {config.data.labels!r}")
-    if config.medusa2.lm_loss not in ("kl_to_base", "ce"):
-        problems.append(f"medusa2.lm_loss must be 'kl_to_base' or 'ce', got {config.medusa2.lm_loss!r}")
-    if config.data.cache_hidden_states and config.medusa.version == 2:
-        problems.append("data.cache_hidden_states needs a frozen target: it is for Medusa-1 only")
     if not 0 < config.data.heldout_fraction < 1:
         problems.append("data.heldout_fraction must be between 0 and 1")
     if config.training.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         problems.append("training.mixed_precision must be auto, no, bf16 or fp16")
     if config.hub.push and not config.hub.repo_id:
         problems.append("hub.push needs hub.repo_id")
+    problems += method.validate(config)
     if problems:
         raise ConfigError("Invalid recipe config: " + "; ".join(problems) + ".")

@@ -1,7 +1,10 @@
 """Held-out evaluation of draft heads: per-head top-1/top-k accuracy, rank accuracies, and tau estimates.
 
-Each head's prediction at position ``t`` is compared with the target's greedy choice for the token it
-drafts (the argmax of the target's distribution on the data context), which is what greedy
+``evaluate_heads`` serves any method whose objective drafts one token per head and depth: it needs
+``objective.heads.config.num_heads`` and ``objective.head_batches(input_ids, attention_mask, loss_mask,
+hidden, need_teacher=True)`` returning each head's positions, logits and reference tokens (``HeadBatch``
+of ``methods/medusa_objective.py``). Each head's prediction at position ``t`` is compared with the
+target's greedy choice for the token it drafts (the argmax of the target's distribution on the data context), which is what greedy
 verification accepts. From the same pass:
 
 - ``rank_accuracies[k][r]``: probability that the target's token is head ``k``'s ``r``-th choice; the
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from ..drafters.medusa import best_rank_tree, expected_accepted_length
+from ..drafters.medusa.rank_tree import best_rank_tree, expected_accepted_length
 
 UNRANKED = 1 << 20
 

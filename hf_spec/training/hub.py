@@ -22,7 +22,7 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 # What from_pretrained downloads from a Hub repo: never pickles or code.
 LOADABLE_PATTERNS = ["*.json", "*.safetensors", "*.md"]
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+MODEL_CARDS_DIR = Path(__file__).resolve().parent / "cards"  # package data: templates ship with hf_spec
 
 
 class CheckpointError(ValueError):
@@ -112,13 +112,14 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- publishing
 def render_model_card(template_name: str, card_data: dict, template_dir: str | Path | None = None, **values) -> str:
-    """Render ``model_cards/<template_name>`` (Jinja) with ``values``; ``card_data`` becomes the YAML header."""
+    """Render ``hf_spec/training/cards/<template_name>`` (Jinja) with ``values``; ``card_data`` becomes the YAML
+    header. ``template_dir`` points at another folder of templates."""
     from huggingface_hub import ModelCard, ModelCardData
 
     template_path = Path(template_dir or MODEL_CARDS_DIR) / template_name
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template {template_path} not found; pass template_dir= to point at "
-                                "a folder holding it (the templates live in the repository's model_cards/).")
+                                "a folder holding it (hf_spec's own templates are in hf_spec/training/cards/).")
     card = ModelCard.from_template(ModelCardData(**card_data), template_path=str(template_path), **values)
     return str(card)
 

@@ -1,15 +1,22 @@
-"""Medusa-1 / Medusa-2 end to end: data, training, held-out evaluation, export, model card, Hub.
+"""Any registered draft method end to end: data, training, held-out evaluation, export, model card, Hub.
 
-Entry point of ``recipes/train_medusa.py``; every piece lives in its own module of
-``hf_spec.training`` and is shared with the other draft-head methods.
+Entry point of ``recipes/train.py`` (and of the per-method aliases such as ``recipes/train_medusa.py``).
+Everything method-specific comes from the method's ``TrainingMethod`` (``hf_spec.training.methods``);
+this module only sequences the shared steps:
+
+1. launch (``launch.py``) and load the target; build or reuse the data (``data.py``);
+2. ``method.build`` -> objective; ``loop.train`` (checkpoints, resume, ``metrics.jsonl``);
+3. ``method.evaluate`` on the held-out split;
+4. ``method.export_state`` on every rank, a check that all ranks hold the same weights, ``method.save``;
+5. ``eval.json``, ``recipe.yaml`` and the model card (``cards/<method>.md``); optionally decode held-out
+   prompts with the exported drafter (``method.load_drafter``) and push the folder to the Hub.
 
 Output folder (``training.output_dir``)::
 
-    config.json, model.safetensors   the heads: MedusaDrafter.from_pretrained(output_dir, target=model)
-    adapter/                         Medusa-2 only: the PEFT LoRA adapter of the target
-    README.md                        model card (rendered from model_cards/medusa.md)
-    eval.json                        per-head accuracy, tau estimates, measured tau/speedup, data and timings
-    recipe.yaml                      the resolved recipe configuration
+    <the method's files>             e.g. Medusa: config.json, model.safetensors (+ adapter/)
+    README.md                        model card
+    eval.json                        evaluation, measured tau/speedup, data, timings, launch, precision
+    recipe.yaml                      the resolved recipe configuration (reruns with --config recipe.yaml)
     metrics.jsonl, checkpoints/      training log and resumable accelerate states (not published)
 """
 
@@ -28,45 +35,30 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from ..drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
+from .checkpoints import recipe_fingerprint, replicas_identical
 from .config import RecipeConfig
 from .data import PaddingCollator, build_datasets, dataset_folder, load_build_info, training_columns
-from .evaluate import evaluate_heads, measure_generation
+from .evaluate import measure_generation
 from .hub import atomic_write_text, push_folder_to_hub, render_model_card
-from .losses import warmup_factor
-from .medusa_objective import MedusaObjective
+from .launch import LaunchError, make_accelerator, zero_stage
+from .loop import train
+from .methods import TrainingMethod, get_method
 from .models import load_target, resolve_model_path, unpartitioned
-from .provenance import (
-    dataset_ids,
-    hub_model_id,
-    launch_command,
-    precision_description,
-    publish_adapter_base_model,
-    published_model_name,
-)
-from .trainer import (
-    LaunchError,
-    gathered_state_dict,
-    make_accelerator,
-    recipe_fingerprint,
-    replicas_identical,
-    train,
-    zero_stage,
-)
+from .provenance import dataset_ids, hub_model_id, launch_command, precision_description, published_model_name
 
 logger = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"
 PUBLISH_IGNORE = ["checkpoints/*", "metrics.jsonl", "*.tmp"]
 
 
 def run(config: RecipeConfig, expected_processes: int | None = None, prepare_data_only: bool = False,
         argv: list[str] | None = None) -> dict:
-    """Train, evaluate and export Medusa heads as ``config`` says; returns the evaluation summary.
+    """Train, evaluate and export ``config.method`` as ``config`` says; returns the evaluation summary.
 
     ``argv`` is the script's command line, recorded (as the ``accelerate launch`` that reruns it) in the card.
     """
     from accelerate.utils import set_seed
 
+    method = get_method(config.method)
     training = config.training
     if training.num_threads:
         torch.set_num_threads(training.num_threads)
@@ -84,59 +76,44 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
         accelerator.print(json.dumps(data_info, indent=2, default=str))
         return {"data": data_info}
 
-    heads = MedusaHeads.for_target(target, num_heads=config.medusa.num_heads, num_layers=config.medusa.num_layers,
-                                   share_lm_head=config.medusa.share_lm_head,
-                                   base_model=published_model_name(config.model.name_or_path),
-                                   medusa_version=config.medusa.version,
-                                   adapter=ADAPTER_DIR if config.medusa.version == 2 else None,
-                                   default_num_nodes=config.eval.tree_num_nodes)
-    target.requires_grad_(False)
-    if config.medusa.version == 2:
-        target = add_lora(target, config)
-    objective = MedusaObjective(target, heads, version=config.medusa.version, labels=config.data.labels,
-                                head_loss_decay=training.head_loss_decay,
-                                head_loss_weight=config.medusa2.head_loss_weight, lm_loss=config.medusa2.lm_loss)
+    parts = method.build(config, target)
     collator = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-
     started = time.perf_counter()
-    result, prepared = train(accelerator, objective, parameter_groups(objective, config),
-                             training_columns(datasets["train"]), collator, training,
-                             on_step=head_loss_warmup(config) if config.medusa.version == 2 else None,
+    result, prepared = train(accelerator, parts.objective, parts.parameter_groups,
+                             training_columns(datasets["train"]), collator, training, on_step=parts.on_step,
                              fingerprint=weights_fingerprint(config))
     train_seconds = time.perf_counter() - started
 
     heldout = accelerator.prepare(DataLoader(training_columns(datasets["heldout"]),
                                              batch_size=training.micro_batch_size, collate_fn=collator))
-    evaluation = evaluate_heads(accelerator, prepared, heldout, top_k=config.eval.top_k,
-                                num_ranks=config.eval.num_ranks, tree_num_nodes=config.eval.tree_num_nodes)
+    evaluation = method.evaluate(accelerator, prepared, heldout, config)
     command = launch_command(accelerator.distributed_type, accelerator.num_processes, zero_stage(accelerator),
                              not torch.cuda.is_available(), argv or sys.argv)
-    summary = export(accelerator, prepared, config, evaluation, result, data_info, train_seconds, command)
+    summary = export(accelerator, method, prepared, config, evaluation, result, data_info, train_seconds, command)
     # The distributed part ends here: no rank idles in a collective while the main one decodes and uploads.
     accelerator.end_training()
     if not accelerator.is_main_process:
         return summary
     if config.eval.generate_prompts:
         with unpartitioned():
-            summary["generation"] = generation_check(config, datasets["heldout"])
+            summary["generation"] = generation_check(method, config, datasets["heldout"])
         write_outputs(config, summary)
     if config.hub.push:
-        summary["hub_commit"] = publish(config)
+        summary["hub_commit"] = publish(config, summary)
     return summary
 
 
-# ---------------------------------------------------------------------------- model pieces
+# ---------------------------------------------------------------------------- target and fingerprints
 def target_fingerprint(name_or_path: str, target) -> str:
     return json.dumps({"name": name_or_path, "path": resolve_model_path(name_or_path),
                        "config": target.config.to_json_string(use_diff=True)}, sort_keys=True)
 
 
 def weights_fingerprint(config: RecipeConfig) -> dict[str, str]:
-    """Hashes of the sections that shape the trained weights (model, data, method): a checkpoint resumes only
-    under the same ones. ``data.cache_dir`` only says where the data is kept, so it is left out."""
+    """Hashes of the sections that shape the trained weights (model, data and the method's own): a checkpoint
+    resumes only under the same ones. ``data.cache_dir`` only says where the data is kept, so it is left out."""
     data = {name: value for name, value in asdict(config.data).items() if name != "cache_dir"}
-    return recipe_fingerprint({"model": config.model, "data": data, "medusa": config.medusa,
-                               "medusa2": config.medusa2})
+    return recipe_fingerprint({"model": config.model, "data": data, **config.method_sections()})
 
 
 def target_loading(accelerator, config: RecipeConfig):
@@ -153,47 +130,17 @@ def target_loading(accelerator, config: RecipeConfig):
     return nullcontext()
 
 
-def add_lora(target, config: RecipeConfig):
-    """Medusa-2: wrap the frozen target with trainable LoRA adapters (peft)."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.medusa2.lora
-    return get_peft_model(target, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-
-
-def parameter_groups(objective: MedusaObjective, config: RecipeConfig) -> list[dict]:
-    """Heads at ``lr`` (Medusa-1) or ``lr * head_lr_multiplier`` (Medusa-2); LoRA adapters at ``lr``."""
-    lr = config.training.learning_rate
-    head_lr = lr * (config.medusa2.head_lr_multiplier if config.medusa.version == 2 else 1.0)
-    groups = [{"params": [p for p in objective.heads.parameters() if p.requires_grad], "lr": head_lr}]
-    adapters = [p for p in objective.target.parameters() if p.requires_grad]
-    if adapters:
-        groups.append({"params": adapters, "lr": lr})
-    return groups
-
-
-def head_loss_warmup(config: RecipeConfig):
-    steps = config.medusa2.head_loss_warmup_steps
-
-    def set_scale(objective, step):
-        objective.head_loss_scale = warmup_factor(step + 1, steps)
-
-    return set_scale
-
-
 # ---------------------------------------------------------------------------- export
-def export(accelerator, prepared, config: RecipeConfig, evaluation: dict, result, data_info: dict,
-           train_seconds: float, command: str | None) -> dict:
+def export(accelerator, method: TrainingMethod, prepared, config: RecipeConfig, evaluation: dict, result,
+           data_info: dict, train_seconds: float, command: str | None) -> dict:
     """Gather the trained weights, check every rank holds the same, and write the output folder."""
-    unwrapped = accelerator.unwrap_model(prepared)
-    heads_state = gathered_state_dict(unwrapped.heads)
-    identical, digests = replicas_identical(accelerator, heads_state)
+    states = method.export_state(accelerator, prepared, config)
+    everything = {f"{part}/{name}": tensor for part, state in states.items() for name, tensor in state.items()}
+    identical, digests = replicas_identical(accelerator, everything)
     if not identical:
-        raise RuntimeError(f"Ranks ended with different head weights (digests {digests}); refusing to export.")
-    adapter_state = gathered_state_dict(unwrapped.target, only_trainable=True) if config.medusa.version == 2 else None
+        raise RuntimeError(f"Ranks ended with different trained weights (digests {digests}); refusing to export.")
     summary = {
-        "method": f"Medusa-{config.medusa.version}",
+        "method": method.title(config),
         "base_model": config.model.name_or_path,
         "processes": accelerator.num_processes,
         "distributed": str(accelerator.distributed_type),
@@ -212,13 +159,7 @@ def export(accelerator, prepared, config: RecipeConfig, evaluation: dict, result
         "command": command,
     }
     if accelerator.is_main_process:
-        heads_config = MedusaConfig.from_dict({**unwrapped.heads.config.to_dict(),
-                                               "head_rank_accuracies": evaluation["rank_accuracies"]})
-        MedusaHeads(heads_config).save_pretrained(config.training.output_dir, state_dict=heads_state)
-        if adapter_state is not None:
-            adapter_dir = Path(config.training.output_dir) / ADAPTER_DIR
-            unwrapped.target.save_pretrained(adapter_dir, state_dict=adapter_state)
-            publish_adapter_base_model(adapter_dir, config.model.name_or_path)
+        method.save(Path(config.training.output_dir), accelerator.unwrap_model(prepared), states, config, evaluation)
         write_outputs(config, summary)
     accelerator.wait_for_everyone()
     return summary
@@ -238,22 +179,26 @@ def hardware_description() -> str:
 
 
 def model_card(config: RecipeConfig, summary: dict) -> str:
-    """Render ``model_cards/medusa.md`` for this run."""
-    repo_id = config.hub.repo_id or Path(config.training.output_dir).name
-    evaluation = summary["evaluation"]
-    card_data = {"library_name": "hf_spec", "tags": ["speculative-decoding", "medusa", "hf_spec"],
+    """Render the method's card template (``hf_spec/training/cards/``) for this run.
+
+    Every template gets ``repo_id``, ``method`` (the title), ``base_model``, ``data``, ``training``,
+    ``data_info``, ``evaluation``, ``generation``, ``summary``, ``top_k`` and the method's own sections by
+    name (e.g. ``medusa``), plus ``method.card_values``.
+    """
+    method = get_method(config.method)
+    card_data = {"library_name": "hf_spec", "tags": method.card_tags(config),
                  "base_model": hub_model_id(config.model.name_or_path)}
     if dataset_ids(config.data.source):
         card_data["datasets"] = dataset_ids(config.data.source)
     if config.hub.license:
         card_data["license"] = config.hub.license
+    template = Path(method.card_template)  # a file in hf_spec/training/cards/, or a path (methods living elsewhere)
     return render_model_card(
-        "medusa.md", card_data,
-        repo_id=repo_id, method=summary["method"], base_model=published_model_name(config.model.name_or_path),
-        medusa=config.medusa, medusa2=config.medusa2, data=config.data, training=config.training,
-        data_info=summary["data"], evaluation=evaluation, heads=evaluation["heads"],
-        generation=summary.get("generation"), summary=summary, top_k=config.eval.top_k,
-        adapter_dir=ADAPTER_DIR,
+        template.name, card_data, template_dir=template.parent if template.is_absolute() else None,
+        repo_id=config.hub.repo_id or Path(config.training.output_dir).name, method=summary["method"],
+        base_model=published_model_name(config.model.name_or_path), data=config.data, training=config.training,
+        data_info=summary["data"], evaluation=summary["evaluation"], generation=summary.get("generation"),
+        summary=summary, top_k=config.eval.top_k, **config.method_sections(), **method.card_values(config, summary),
     )
 
 
@@ -267,33 +212,33 @@ def heldout_prompts(heldout, count: int) -> list[torch.Tensor]:
     return prompts
 
 
-def generation_check(config: RecipeConfig, heldout) -> dict:
-    """Reload the target and the exported heads, and decode held-out prompts plainly and speculatively."""
-    target, _ = load_target(config.model.name_or_path, config.model.dtype, config.model.attn_implementation)
-    target.config.use_cache = True
-    if config.medusa.version == 2:
-        from peft import PeftModel
-
-        target = PeftModel.from_pretrained(target, Path(config.training.output_dir) / ADAPTER_DIR).merge_and_unload()
-    drafter = MedusaDrafter.from_pretrained(config.training.output_dir, target=target)
+def generation_check(method: TrainingMethod, config: RecipeConfig, heldout) -> dict:
+    """Rebuild target and drafter from the exported files, and decode held-out prompts plainly and speculatively."""
+    target, drafter = method.load_drafter(config, Path(config.training.output_dir))
     measured = measure_generation(target, drafter, heldout_prompts(heldout, config.eval.generate_prompts),
                                   config.eval.generate_max_new_tokens)
-    measured["tree_nodes"] = len(drafter.tree_paths)
-    return measured
+    return {**measured, **method.generation_details(drafter)}
 
 
-def publish(config: RecipeConfig) -> str:
+def publish(config: RecipeConfig, summary: dict) -> str:
     return push_folder_to_hub(config.training.output_dir, config.hub.repo_id, private=config.hub.private,
-                              commit_message=f"Medusa-{config.medusa.version} heads for {config.model.name_or_path}",
+                              commit_message=f"{summary['method']} drafter for {config.model.name_or_path}",
                               ignore_patterns=PUBLISH_IGNORE)
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ---------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None, method: str | None = None) -> dict:
+    """``recipes/train.py``: ``--config configs/<method>/<model>.yaml [--set section.key=value ...]``.
+
+    ``method`` fixes the method for a per-method entry point (``recipes/train_medusa.py``); a recipe for
+    another method is then refused.
+    """
     import argparse
 
     from .config import load_config
 
-    parser = argparse.ArgumentParser(description="Train Medusa-1/-2 heads (launch with accelerate launch).")
+    trains = f"{method} draft heads" if method else "a draft method (the recipe's `method:`)"
+    parser = argparse.ArgumentParser(description=f"Train {trains}; launch with accelerate launch.")
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/medusa/smollm2-135m.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set training.max_steps=100")
@@ -303,6 +248,6 @@ def main(argv: list[str] | None = None) -> dict:
                         help="build (and cache) the datasets, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, method=method)
     return run(config, expected_processes=args.expected_processes, prepare_data_only=args.prepare_data_only,
                argv=sys.argv if argv is None else [sys.argv[0], *argv])

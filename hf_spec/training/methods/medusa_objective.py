@@ -1,0 +1,159 @@
+"""The Medusa training objective: target + heads as one module that ``accelerate`` can prepare.
+
+Medusa-1 (Cai et al. 2024): the target is frozen; head ``k`` at position ``t`` reads the target's last
+hidden state ``h_t`` and learns ``x_{t+2+k}``, with loss ``sum_k decay^k * CE_k``. The label is either
+the data's token (``labels="hard"``) or the target's own distribution for that token, i.e. the
+target's logits at position ``t+1+k`` (``labels="soft"``): heads then imitate what the target would
+verify, even on teacher-forced data the target did not write.
+
+Medusa-2: LoRA adapters (peft) on the target train jointly,
+``L = L_LM + lambda_t * sum_k decay^k * CE_k``, where ``L_LM`` is either the data's cross-entropy or,
+for self-distillation, ``KL(target with adapters disabled || adapted target)``, and ``lambda_t`` is
+warmed up (``head_loss_scale``, set before each optimizer step by the method's ``on_step`` hook, and
+logged). Heads' soft labels come from the adapted model's own (detached) logits: the model they will
+be verified against.
+
+Only positions whose label is an assistant token are projected to the vocabulary, which is where
+nearly all of the cost is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...drafters.medusa import MedusaHeads
+from ..losses import hard_cross_entropy, head_loss_weights, kl_divergence, soft_cross_entropy
+
+
+@dataclass
+class HeadBatch:
+    """What head ``k`` saw in one batch: its positions, logits, and the reference to match."""
+
+    index: int
+    rows: torch.Tensor  # (n,) batch row of each position
+    positions: torch.Tensor  # (n,) position t (head k predicts token t + 2 + k)
+    logits: torch.Tensor  # (n, vocab)
+    teacher_logits: torch.Tensor | None  # (n, vocab): the target's distribution for the label, when available
+    labels: torch.Tensor  # (n,) data tokens x_{t+2+k}
+
+    @property
+    def reference_tokens(self) -> torch.Tensor:
+        """The target's greedy choice for the label when known (what greedy verification accepts), else the data token."""
+        return self.teacher_logits.argmax(-1) if self.teacher_logits is not None else self.labels
+
+
+class MedusaObjective(nn.Module):
+    """``forward(input_ids, attention_mask, loss_mask, hidden=None)`` -> losses and per-head top-1 agreement."""
+
+    def __init__(self, target: nn.Module, heads: MedusaHeads, *, version: int = 1, labels: str = "soft",
+                 head_loss_decay: float = 0.8, head_loss_weight: float = 0.2, lm_loss: str = "kl_to_base"):
+        super().__init__()
+        self.target = target
+        self.heads = heads
+        self.version = version
+        self.labels = labels
+        self.weights = head_loss_weights(heads.config.num_heads, head_loss_decay)
+        self.head_loss_weight = head_loss_weight if version == 2 else 1.0
+        self.lm_loss = lm_loss
+        self.head_loss_scale = 1.0  # Medusa-2 warm-up factor, updated before each optimizer step
+
+    @property
+    def config(self):
+        """The target's config (DeepSpeed sizes its ``auto`` buckets from ``hidden_size``)."""
+        return self.target.config
+
+    # ------------------------------------------------------------------ pieces of the target
+    def _backbone(self) -> nn.Module:
+        return self.target.get_decoder()
+
+    def _lm_head(self) -> nn.Module:
+        return self.target.get_output_embeddings()
+
+    def target_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's logits from its last hidden states (with its soft-capping, if any)."""
+        logits = self._lm_head()(hidden)
+        cap = self.heads.config.logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def _hidden(self, input_ids, attention_mask, hidden) -> torch.Tensor:
+        if hidden is not None:
+            return hidden.to(self._lm_head().weight.dtype)
+        if self.version == 1:
+            with torch.no_grad():
+                return self._backbone()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._backbone()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _base_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """Hidden states of the target with its adapters disabled (Medusa-2 self-distillation teacher)."""
+        with torch.no_grad(), self.target.disable_adapter():
+            return self._backbone()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    # ------------------------------------------------------------------ forward
+    def head_batches(self, input_ids, attention_mask, loss_mask, hidden=None, need_teacher: bool | None = None):
+        """Compute the LM term (Medusa-2) and each head's logits; returns ``(lm_loss, [HeadBatch])``."""
+        mask = loss_mask.bool() & attention_mask.bool()
+        hidden = self._hidden(input_ids, attention_mask, hidden)
+        rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # positions p whose next token is a label
+        row_of = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+        row_of[rows, positions] = torch.arange(rows.shape[0], device=mask.device)
+        need_teacher = self.labels == "soft" if need_teacher is None else need_teacher
+
+        lm_loss = hidden.new_zeros(())
+        teacher = None
+        if self.version == 2:
+            student = self.target_logits(hidden[rows, positions])
+            if rows.numel() == 0:
+                lm_loss = student.sum() * 0.0
+            elif self.lm_loss == "kl_to_base":
+                base_hidden = self._base_hidden(input_ids, attention_mask)
+                with torch.no_grad():
+                    base_logits = self.target_logits(base_hidden[rows, positions])
+                lm_loss = kl_divergence(student, base_logits)
+            else:
+                lm_loss = hard_cross_entropy(student, input_ids[rows, positions + 1])
+            teacher = student.detach()
+        elif need_teacher:
+            with torch.no_grad():
+                teacher = self.target_logits(hidden[rows, positions])
+
+        lm_head = self._lm_head() if self.heads.config.share_lm_head else None
+        batches = []
+        for k in range(self.heads.config.num_heads):
+            head_rows, head_positions = mask[:, 2 + k:].nonzero(as_tuple=True)
+            if head_rows.numel() == 0:  # keep every head in the graph (DDP needs a gradient for each)
+                head_rows, head_positions = rows[:0], positions[:0]
+            logits = self.heads.head_logits(k, hidden[head_rows, head_positions], lm_head)
+            teacher_rows = row_of[head_rows, head_positions + 1 + k]
+            batches.append(HeadBatch(
+                index=k, rows=head_rows, positions=head_positions, logits=logits,
+                teacher_logits=None if teacher is None else teacher[teacher_rows],
+                labels=input_ids[head_rows, head_positions + 2 + k],
+            ))
+        return lm_loss, batches
+
+    def forward(self, input_ids, attention_mask, loss_mask, hidden=None) -> dict[str, torch.Tensor]:
+        lm_loss, batches = self.head_batches(input_ids, attention_mask, loss_mask, hidden)
+        head_losses, head_top1 = [], []
+        for batch in batches:
+            if batch.logits.shape[0] == 0:
+                head_losses.append(batch.logits.sum() * 0.0)
+                head_top1.append(batch.logits.new_zeros(()))
+                continue
+            if self.labels == "soft":
+                loss = soft_cross_entropy(batch.logits, batch.teacher_logits)
+            else:
+                loss = hard_cross_entropy(batch.logits, batch.labels)
+            head_losses.append(loss)
+            head_top1.append((batch.logits.argmax(-1) == batch.reference_tokens).float().mean().detach())
+        head_total = sum(weight * loss for weight, loss in zip(self.weights, head_losses))
+        loss = lm_loss + self.head_loss_weight * self.head_loss_scale * head_total
+        return {
+            "loss": loss,
+            "lm_loss": lm_loss.detach(),
+            "head_losses": torch.stack([item.detach() for item in head_losses]),
+            "head_top1": torch.stack(head_top1),
+            "head_loss_scale": torch.tensor(float(self.head_loss_scale), device=loss.device),
+        }
