@@ -54,3 +54,12 @@ def smollm2():
         pytest.skip(str(error))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of thousands of tiny forwards: thread-pool overhead dominates there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

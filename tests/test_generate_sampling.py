@@ -76,13 +76,7 @@ class Scenario:
     exact: torch.Tensor  # (VOCAB,) * TESTED_TOKENS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Thousands of tiny forwards: one thread avoids thread-pool overhead that dominates on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

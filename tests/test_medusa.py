@@ -26,13 +26,7 @@ from tests.conftest import tiny_model, tiny_prompt
 MAX_NEW = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one thread avoids thread-pool overhead that dominates on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def plain(model, prompt, max_new_tokens=MAX_NEW):

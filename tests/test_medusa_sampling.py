@@ -62,13 +62,7 @@ GENERATION = dict(do_sample=True, temperature=0.6, top_k=6, top_p=0.95, repetiti
 TREE = [path for depth in range(1, NUM_HEADS + 1) for path in itertools.product((0, 1), repeat=depth)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Thousands of tiny forwards: one thread avoids thread-pool overhead that dominates on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def fitted_heads(target, steps: int = 300, sequences: int = 128, length: int = 12,
