@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test,train]"
+	$(PY) -m pip install --quiet -e ".[test,train,bench]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,4 +24,4 @@ demo: models
 	$(VENV)/bin/hf-spec demo
 
 test: models
-	HF_SPEC_REQUIRE_REAL_MODELS=1 $(PY) -m pytest -q
+	HF_SPEC_REQUIRE_REAL_MODELS=1 $(PY) -m pytest -q --durations=25

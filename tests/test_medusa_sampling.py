@@ -106,7 +106,7 @@ def sampled_pvalue(setup, monkeypatch, proposal: str, verification: str) -> tupl
     target, heads, exact = setup
     spy = AcceptedDepthSpy(monkeypatch, verification)
     torch.manual_seed(SEED)
-    tokens = sample_generations(target, PROMPT, lambda: MedusaDrafter(heads, tree=TREE, proposal=proposal), SAMPLES,
+    tokens = sample_generations(target, PROMPT, lambda: MedusaDrafter(heads, rank_paths=TREE, proposal=proposal), SAMPLES,
                                 verification=verification, **GENERATION)
     return chi_square_pvalue(joint_counts(tokens, VOCAB, TESTED_TOKENS), exact), spy
 

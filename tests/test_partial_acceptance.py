@@ -79,6 +79,7 @@ def test_partial_acceptance_is_lossless(monkeypatch, arch, tree):
     expected = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False)
     got = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
     assert torch.equal(got, expected)
+    assert drafter.tree_spec == drafter.default_tree_spec and drafter.tree_spec.shape == tree
     assert recorder.partial_steps >= 2, recorder.steps  # measured: 3 to 15 of 11 to 23 steps
     assert drafter.stats.accepted_tokens >= 8, recorder.steps
     if tree == "chain":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_spec
-from hf_spec.demo import DEMO_PROMPTS
+from hf_spec.demo import demo_prompts
 from hf_spec.drafters.early_exit import early_exit_model
 from tests.identity import assert_greedy_identical
 
@@ -25,7 +25,8 @@ def chat(tokenizer, text):
 @pytest.fixture(scope="module")
 def setup(smollm2):
     model, tokenizer = smollm2
-    prompts = [chat(tokenizer, DEMO_PROMPTS[0]), chat(tokenizer, DEMO_PROMPTS[2])]
+    demo = demo_prompts()
+    prompts = [chat(tokenizer, demo[0]), chat(tokenizer, demo[2])]
     expected = [model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False) for ids in prompts]
     return model, tokenizer, prompts, expected
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from hf_spec.drafters.medusa import MedusaHeads
 from hf_spec.training.chat_tokens import ChatTemplateError, tokenize_conversation
-from hf_spec.training.config import ConfigError, DataSection, load_config
-from hf_spec.training.data import PaddingCollator, build_datasets, is_heldout, training_columns
+from hf_spec.training.config import ConfigError, load_config
+from hf_spec.training.data import PaddingCollator, is_heldout
 from hf_spec.training.evaluate import _leading_hits, _tree_depths
 from hf_spec.training.losses import head_loss_weights, kl_divergence, soft_cross_entropy, warmup_factor
 from hf_spec.training.medusa_objective import MedusaObjective
@@ -92,35 +91,6 @@ def test_heldout_split_is_deterministic_and_nested():
     assert held == [i for i in ids if is_heldout(i, seed=0, fraction=0.05)]
     assert set(held[:20]) == {i for i in ids[: ids.index(held[19]) + 1] if is_heldout(i, 0, 0.05)}
     assert held != [i for i in ids if is_heldout(i, seed=1, fraction=0.05)]
-
-
-def test_build_datasets_with_hidden_state_cache_and_self_distillation(tiny, tmp_path):
-    model, tokenizer = tiny
-    entries = [entry(f"c{i}", f"Question number {i}?", f"Answer {i}.", "More?", "Yes.") for i in range(12)]
-    source = sharegpt_file(tmp_path, entries)
-    config = DataSection(source=str(source), num_conversations=12, heldout_fraction=0.3, max_length=128,
-                         cache_hidden_states=True, cache_dir=str(tmp_path / "cache"))
-    datasets = build_datasets(config, tokenizer, model, "tiny")
-    assert set(datasets) == {"train", "heldout"}
-    assert len(datasets["train"]) + len(datasets["heldout"]) == 12
-    assert {e["id"] for e in datasets["heldout"]} == {f"c{i}" for i in range(12) if is_heldout(f"c{i}", 0, 0.3)}
-    example = training_columns(datasets["train"])[0]
-    with torch.no_grad():
-        live = model.get_decoder()(input_ids=example["input_ids"][None]).last_hidden_state[0]
-    torch.testing.assert_close(example["hidden"].float(), live, atol=2e-3, rtol=2e-3)  # float16 on disk
-    assert len(os.listdir(tmp_path / "cache")) == 1
-    build_datasets(config, tokenizer, model, "tiny")  # reused, not rebuilt
-    assert len(os.listdir(tmp_path / "cache")) == 1
-
-    distilled = DataSection(source=str(source), num_conversations=4, heldout_fraction=0.5, max_length=256,
-                            self_distillation=True, self_distillation_max_new_tokens=6,
-                            cache_dir=str(tmp_path / "cache"))
-    regenerated = build_datasets(distilled, tokenizer, model, "tiny")
-    first = regenerated["train"][0] if len(regenerated["train"]) else regenerated["heldout"][0]
-    prompt_end = first["loss_mask"].index(1)
-    prompt = torch.tensor([first["input_ids"][:prompt_end]])
-    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt_end:].tolist()
-    assert first["input_ids"][prompt_end: prompt_end + len(expected)] == expected  # the target's own reply
 
 
 def test_collator_pads_and_masks():

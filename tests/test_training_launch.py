@@ -53,7 +53,20 @@ def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | N
     return result
 
 
+def prepare_data(data_cache: Path, *extra: str) -> None:
+    """The documented first step of a multi-process launch: build the data once, in one process."""
+    command = [sys.executable, "-m", "hf_spec.training.prepare_data", "--config", TINY, "--no-progress",
+               "--set", f"data.cache_dir={data_cache}"]
+    for override in extra:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def train(mode: str, output: Path, data_cache: Path, *extra: str) -> dict:
+    if MODES[mode] > 1:
+        prepare_data(data_cache, *extra)
     launch(["--config_file", f"configs/accelerate/{mode}.yaml"],
            [f"training.output_dir={output}", f"data.cache_dir={data_cache}", "training.save_every_steps=4",
             "training.keep_checkpoints=2", *extra])
@@ -123,6 +136,15 @@ def test_medusa2_lora_path(mode, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["medusa_version"] == 2 and config["adapter"] == "adapter"
     assert summary["generation"]["outputs_differing_from_plain"] == 0  # merged target + heads, exact greedy
+
+
+def test_a_multi_process_launch_reads_prepared_data_and_never_builds_it(tmp_path):
+    """Ranks would otherwise wait in a collective while one of them builds: the launch stops, naming the command."""
+    result = launch(["--config_file", "configs/accelerate/ddp.yaml"],
+                    [f"training.output_dir={tmp_path}/out", f"data.cache_dir={tmp_path}/data"], check=False)
+    assert result.returncode != 0
+    assert "not built yet" in result.stderr and "hf-spec prepare-data --config" in result.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
 def test_silent_single_process_launch_is_refused(tmp_path):

@@ -6,23 +6,25 @@ transformers' own assisted generation and prompt lookup, on the same prompts, in
 reported as Spec-Bench does: wall-clock speedup over plain decoding and mean accepted tokens per
 target forward, per task group. The modules, in the order a run uses them:
 
-- ``config``: settings (defaults, ``--quick``, YAML, flags);
-- ``sources``, ``tasks``, ``passages``: the prompts (MT-Bench, HumanEval, GSM8K from PyPI wheels;
-  input-grounded tasks over shipped documents);
+- ``config``, ``presets``: settings (defaults, a preset such as ``quick`` or ``demo``, YAML, flags);
+- ``sources``, ``tasks``, ``passages``, ``code_edits``: the prompts (MT-Bench, HumanEval, GSM8K from
+  PyPI wheels; input-grounded tasks over shipped documents and code);
 - ``render``: chat template, multi-turn conditioning;
 - ``methods``: what is compared (registry + discovery);
 - ``measure``: warm-up, repetitions, interleaving, timing;
 - ``identity``: greedy outputs against plain decoding;
 - ``metrics``: speedup and tau;
-- ``environment``, ``report``: JSON, Markdown, PNG;
+- ``environment``, ``report``: JSON, Markdown (Spec-Bench's table or the demo's), PNG;
 - ``runner``: ``run_bench``, tying them together.
 
     from hf_spec.bench import make_config, run_bench
-    run_bench(make_config(quick=True))
+    run_bench(make_config(preset="quick"))
+    run_bench(make_config(preset="demo"))      # what `hf-spec demo` and `make demo` run
 """
 
 from .config import BenchConfig, make_config
 from .methods import REGISTRY, Method, NotApplicable, available_methods, register
+from .presets import PRESETS
 from .runner import BenchResult, run_bench
 from .tasks import TASK_GROUPS, Prompt, load_tasks
 
@@ -33,6 +35,7 @@ __all__ = [
     "BenchResult",
     "Method",
     "NotApplicable",
+    "PRESETS",
     "Prompt",
     "available_methods",
     "load_tasks",

@@ -1,9 +1,9 @@
-"""Settings of a benchmark run, from defaults, the ``--quick`` preset, a YAML file and flags, in that order.
+"""Settings of a benchmark run, from defaults, a preset (``presets.py``), a YAML file and flags, in that order.
 
 A YAML file uses the field names of ``BenchConfig`` (dashes or underscores), e.g.::
 
-    target: qwen2.5-coder-1.5b-instruct
-    draft: qwen2.5-coder-0.5b-instruct
+    target: hf_spec:qwen2.5-coder-1.5b-instruct
+    draft: hf_spec:qwen2.5-coder-0.5b-instruct
     tasks: [mt_bench, code, math, summarization]
     limit: 5
     max_new_tokens: 128
@@ -19,19 +19,22 @@ from pathlib import Path
 
 import yaml
 
+from hf_spec.models import provided_name
+
+from .presets import PRESETS
 from .tasks import TASK_GROUPS
 
-QUICK = {"limit": 1, "max_new_tokens": 20, "repeats": 2, "warmup": 1}  # about five minutes for SmolLM2-135M on 2 cores
+TABLES = ("spec_bench", "demo")
 
 
 @dataclass
 class BenchConfig:
     """One run. ``temperature=0`` decodes greedily (and checks identity with plain decoding); ``> 0`` samples."""
 
-    target: str = "smollm2-135m-instruct"  # offline model name, local folder or Hub id
+    target: str = "hf_spec:smollm2-135m-instruct"  # model name (hf_spec.models): hf_spec:<name>, local folder or Hub id
     draft: str | None = None  # draft model with the target's tokenizer; default: an early exit of the target
-    early_exit_layers: int = 8
-    methods: list[str] | None = None  # names, glob patterns or hf_spec:Class(...) specs; None: all available
+    early_exit_layers: int | None = 8  # layers of that early exit; None: no draft unless ``draft`` is set
+    methods: list[str] | None = None  # names, glob patterns or Drafter(...) specs; None: all available
     tasks: list[str] = field(default_factory=lambda: list(TASK_GROUPS))
     limit: int | dict | None = 5  # prompts per task group, or {group: n, "default": n} (MT-Bench: 2-turn conversations)
     max_new_tokens: int = 128
@@ -42,6 +45,8 @@ class BenchConfig:
     seed: int = 0
     out: str | None = None  # output folder; default outputs/bench/<target>-<greedy|tT>
     progress: bool = True
+    labels: dict[str, str] = field(default_factory=dict)  # method name -> the name its table row shows
+    table: str = "spec_bench"  # "spec_bench": speedup per task group; "demo": one compact row per method
 
     @property
     def greedy(self) -> bool:
@@ -51,12 +56,15 @@ class BenchConfig:
         if self.out:
             return Path(self.out)
         mode = "greedy" if self.greedy else f"t{self.temperature:g}"
-        return Path("outputs") / "bench" / f"{Path(self.target).name}-{mode}"
+        name = provided_name(self.target) or Path(self.target).name
+        return Path("outputs") / "bench" / f"{name}-{mode}"
 
 
-def make_config(path: str | None = None, quick: bool = False, **overrides) -> BenchConfig:
-    """Defaults, then the quick preset, then the YAML file at ``path``, then ``overrides`` that are not None."""
-    settings: dict = dict(QUICK) if quick else {}
+def make_config(path: str | None = None, preset: str | None = None, **overrides) -> BenchConfig:
+    """Defaults, then the named preset, then the YAML file at ``path``, then ``overrides`` that are not None."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}.")
+    settings: dict = dict(PRESETS[preset]) if preset else {}
     if path:
         settings.update(read_yaml(path))
     settings.update({key: value for key, value in overrides.items() if value is not None})
@@ -85,6 +93,13 @@ def _validate(config: BenchConfig) -> None:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {config.temperature}.")
     if config.repeats < 1 or config.max_new_tokens < 1 or config.threads < 1:
         raise ValueError("repeats, max_new_tokens and threads must be at least 1.")
+    if config.early_exit_layers is not None and config.early_exit_layers < 1:
+        raise ValueError(f"early_exit_layers must be at least 1 (or null for no early-exit draft), "
+                         f"got {config.early_exit_layers}.")
+    if config.table not in TABLES:
+        raise ValueError(f"table must be one of {', '.join(TABLES)}, got {config.table!r}.")
+    if not isinstance(config.labels, dict):
+        raise ValueError("labels must map method names to the names their table rows show.")
     if isinstance(config.limit, str):
         config.limit = parse_limit(config.limit)
     limits = config.limit.items() if isinstance(config.limit, dict) else [("limit", config.limit)]

@@ -15,11 +15,11 @@ import torch
 import transformers
 
 import hf_spec
-
-from .sources import file_sha256
+from hf_spec.models import hub_id
+from hf_spec.offline_models import MARKER_FILE
+from hf_spec.wheels import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-SOURCE_MARKER = "hf_spec_source.json"  # written by hf_spec.offline_models next to a prepared model
 
 
 def environment(threads: int) -> dict:
@@ -59,8 +59,9 @@ def load_average() -> list[float] | None:
 
 
 def model_info(model, label: str) -> dict:
-    """Class, size, dtype and, for a model loaded from a folder, its path and SHA-256 of the weight files."""
-    info = {"label": label, "class": type(model).__name__, "dtype": str(model.dtype),
+    """Class, size, dtype, Hub id when known and, for a model loaded from a folder, its path and SHA-256 of
+    the weight files (and, for hf_spec's offline models, where they came from)."""
+    info = {"label": label, "hub_id": hub_id(label), "class": type(model).__name__, "dtype": str(model.dtype),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "num_hidden_layers": model.config.num_hidden_layers}
     folder = Path(str(getattr(model, "name_or_path", "") or ""))
@@ -68,7 +69,7 @@ def model_info(model, label: str) -> dict:
         info["path"] = str(folder.resolve())
         info["sha256"] = {path.name: file_sha256(path) for path in sorted(folder.iterdir())
                           if path.name.endswith(WEIGHT_SUFFIXES)}
-        marker = folder / SOURCE_MARKER
+        marker = folder / MARKER_FILE
         if marker.is_file():
             info["source"] = json.loads(marker.read_text())
     return info

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from hf_spec.demo import ForwardCounter
 from hf_spec.errors import UnsupportedError
 
 from .methods import Method
@@ -48,6 +47,20 @@ class Measurement:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class ForwardCounter:
+    """Counts a model's forward calls (for transformers' own methods, whose decoding steps hf_spec cannot see)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def warm_up(methods: list[Method], item: BenchItem, rounds: int = 1) -> dict[str, str]:
@@ -78,17 +91,20 @@ def measure(target, methods: list[Method], items: list[BenchItem], repeats: int,
     measurements: list[Measurement] = []
     outputs: dict[tuple, list[int]] = {}
     total = repeats * len(items) * len(methods)
-    with tqdm(total=total, desc="bench", unit="gen", disable=not progress) as bar:
-        for repeat in range(repeats):
-            for index, item in enumerate(items):
-                for method in interleaved_order(methods, repeat * len(items) + index):
-                    bar.set_postfix_str(f"{method.name} on {item.id}", refresh=False)
-                    if sampling:
-                        torch.manual_seed(seed * 1_000_003 + repeat * 10_007 + index)
-                    record, tokens = run_once(method, item, counter, repeat)
-                    measurements.append(record)
-                    outputs[(method.name, item.id, repeat)] = tokens
-                    bar.update()
+    try:
+        with tqdm(total=total, desc="bench", unit="gen", disable=not progress) as bar:
+            for repeat in range(repeats):
+                for index, item in enumerate(items):
+                    for method in interleaved_order(methods, repeat * len(items) + index):
+                        bar.set_postfix_str(f"{method.name} on {item.id}", refresh=False)
+                        if sampling:
+                            torch.manual_seed(seed * 1_000_003 + repeat * 10_007 + index)
+                        record, tokens = run_once(method, item, counter, repeat)
+                        measurements.append(record)
+                        outputs[(method.name, item.id, repeat)] = tokens
+                        bar.update()
+    finally:
+        counter.remove()
     return measurements, outputs
 
 

@@ -6,25 +6,27 @@ hardware. A *method* here is a named factory ``(target, draft, generation) -> Me
 ``temperature``); ``None`` (or raising ``NotApplicable`` with a reason) means the method does not
 apply, e.g. a draft-model method when there is no draft. ``available_methods`` gathers them from:
 
-1. ``REGISTRY``, filled with ``@register(name)``: the baseline ``plain``, transformers' own assisted
-   generation and prompt lookup, and hf_spec configurations worth comparing beyond defaults
-   (multi-candidate prompt lookup, adaptive draft length). A drafter that needs more than defaults
-   (e.g. trained heads) registers a factory here.
+1. ``REGISTRY``, filled with ``@register(name)`` (snake_case names): the baseline ``plain``,
+   transformers' own assisted generation and prompt lookup, and hf_spec configurations worth
+   comparing beyond defaults (multi-candidate prompt lookup, adaptive draft length, the trained Medusa
+   heads committed with the repository). A drafter that needs more than defaults registers a factory here.
 2. Drafters: every concrete ``hf_spec.Drafter`` subclass that ``hf_spec`` exports, built from its
-   defaults, as ``hf_spec:<Class>``. A required ``draft_model`` (or ``draft``) parameter gets the
-   run's draft and a required ``target`` the target; any other required parameter makes the class
-   unbuildable, and it is reported as skipped. A new drafter joins the benchmark once exported.
-3. Tree shapes: a drafter whose own ``begin`` takes ``tree`` also runs with every other shape of the
-   engine's ``TREE_SHAPES`` (``chain``, ``static``, ``dynamic``...), as ``hf_spec:<Class>(tree='<shape>')``.
+   defaults, under its class name (``PromptLookupDrafter``). A required ``draft_model`` (or ``draft``)
+   parameter gets the run's draft and a required ``target`` the target; any other required parameter
+   makes the class unbuildable, and it is reported as skipped. A new drafter joins the benchmark once exported.
+3. Tree shapes: a drafter whose own ``begin`` takes ``tree_spec`` also runs with every other shape of the
+   engine's ``TREE_SHAPES`` (``chain``, ``static``, ``dynamic``...), as ``<Class>(tree='<shape>')``.
 4. Verification rules: every rule of the engine's ``RULES`` registry that fits the run's decoding
    mode and is not its default, crossed with the branching methods (trees and multi-candidate
    presets: rules differ only where a node has several children), as ``<method>+verification=<rule>``
-   or ``hf_spec:<Class>(tree=..., verification='<rule>')``.
+   or ``<Class>(tree=..., verification='<rule>')``.
 
-Any other configuration can be named as a spec, ``hf_spec:<Class>(arg=value, ...)`` or, for
-drafters with trained weights, ``hf_spec:<Class>.from_pretrained(path_or_id='...', ...)``: arguments
-the constructor (or classmethod) takes build the drafter (the target and draft are filled in), the
-others (``verification=...``, ``tree_budget=...``) go to ``generate()``. ``hf-spec bench --list-methods`` prints what a run would measure.
+Any other configuration can be named as a spec, ``<Class>(arg=value, ...)`` or, for drafters with
+trained weights, ``<Class>.from_pretrained(path_or_id='...', ...)``: Python call syntax with literal
+values, never evaluated. Arguments the constructor (or classmethod) takes build the drafter (the
+target and draft are filled in), the others (``verification=...``, ``tree_budget=...``) go to
+``generate()``. ``hf-spec bench --list-methods`` prints what a run would measure. (The ``hf_spec:``
+prefix names models, see ``hf_spec.models``, never methods.)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import copy
 import fnmatch
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,9 +44,12 @@ from transformers import GenerationConfig
 
 import hf_spec
 from hf_spec.drafters.base import Drafter
+from hf_spec.errors import UnsupportedError
+from hf_spec.models import MODEL_PREFIX
 
 BASELINE = "plain"
-SPEC_PREFIX = "hf_spec:"
+# Trained heads committed with the repository (see the README): found in a checkout, not in an installed wheel.
+TRAINED_MEDUSA_HEADS = Path(__file__).resolve().parents[2] / "artifacts" / "medusa-smollm2-135m-instruct"
 DRAFT_PARAMETERS = ("draft_model", "draft")
 TARGET_PARAMETERS = ("target", "target_model")
 
@@ -133,6 +139,16 @@ def draft_adaptive(target, draft, generation: dict) -> Method:
     return hf_spec_method("hf_spec_draft_adaptive", target, drafter, generation)
 
 
+@register("hf_spec_medusa_trained")
+def medusa_trained(target, draft, generation: dict) -> Method:
+    """The Medusa heads trained on this project's CPU for SmolLM2-135M-Instruct, with their default tree."""
+    if not (TRAINED_MEDUSA_HEADS / "config.json").is_file():
+        raise NotApplicable(f"the committed heads are in a checkout of the repository ({TRAINED_MEDUSA_HEADS} "
+                            "is missing); name other heads as MedusaDrafter.from_pretrained(path_or_id='...')")
+    drafter = hf_spec.MedusaDrafter.from_pretrained(TRAINED_MEDUSA_HEADS, target=target)
+    return hf_spec_method("hf_spec_medusa_trained", target, drafter, generation)
+
+
 # --------------------------------------------------------------------------------------------- building blocks
 
 
@@ -182,19 +198,19 @@ def tree_shapes(cls: type[Drafter]) -> list[str]:
 
 
 def _takes_tree(cls: type[Drafter]) -> bool:
-    """Whether a ``begin`` of ``cls`` below the base class (which refuses trees) takes ``tree``."""
+    """Whether a ``begin`` of ``cls`` below the base class (which refuses trees) takes ``tree_spec``."""
     for klass in cls.__mro__:
         if klass is Drafter:
             return False
         begin = vars(klass).get("begin")
-        if begin is not None and "tree" in inspect.signature(begin).parameters:
+        if begin is not None and "tree_spec" in inspect.signature(begin).parameters:
             return True
     return False
 
 
 def spec_name(cls: type[Drafter], **arguments) -> str:
-    """``hf_spec:Class(a=1, b='x')``, the spec that builds ``cls`` with ``arguments``."""
-    return f"{SPEC_PREFIX}{cls.__name__}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})"
+    """``Class(a=1, b='x')``, the spec that builds ``cls`` with ``arguments``."""
+    return f"{cls.__name__}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})"
 
 
 def build_drafter(cls: type[Drafter], target, draft, constructor: str | None = None, **kwargs) -> Drafter:
@@ -216,19 +232,19 @@ def build_drafter(cls: type[Drafter], target, draft, constructor: str | None = N
             kwargs[name] = target
         else:
             raise NotApplicable(f"{cls.__name__} needs {name}=...: name it as a spec such as "
-                                f"hf_spec:{cls.__name__}.from_pretrained(path_or_id='...'), or register a factory")
+                                f"{cls.__name__}.from_pretrained(path_or_id='...'), or register a factory")
     return build(**kwargs)
 
 
 def discovered_factory(cls: type[Drafter]) -> Factory:
     def factory(target, draft, generation: dict) -> Method:
-        return hf_spec_method(f"{SPEC_PREFIX}{cls.__name__}", target, build_drafter(cls, target, draft), generation)
+        return hf_spec_method(cls.__name__, target, build_drafter(cls, target, draft), generation)
 
     return factory
 
 
 def spec_factory(spec: str) -> Factory:
-    """A factory for ``hf_spec:<Class>[.<classmethod>](arg=value, ...)``.
+    """A factory for ``<Class>[.<classmethod>](arg=value, ...)``.
 
     Arguments the constructor (or the classmethod, e.g. ``from_pretrained``) takes build the drafter;
     the others go to ``generate()``.
@@ -253,14 +269,16 @@ def spec_factory(spec: str) -> Factory:
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, dict]:
-    """``"hf_spec:Name.method(a=1, b='x')"`` -> ``("Name", "method", {"a": 1, "b": "x"})``; literal values only.
+    """``"Name.method(a=1, b='x')"`` -> ``("Name", "method", {"a": 1, "b": "x"})``; literal values only.
 
     Nothing is evaluated: the text is parsed, and only a class name, an optional classmethod name and
     keyword arguments with literal values are accepted.
     """
-    text = spec[len(SPEC_PREFIX):] if spec.startswith(SPEC_PREFIX) else spec
+    if spec.startswith(MODEL_PREFIX):
+        raise ValueError(f"Method {spec!r}: the hf_spec: prefix names models, not methods; write the spec "
+                         f"without it: {spec[len(MODEL_PREFIX):]!r}.")
     try:
-        node = ast.parse(text.strip(), mode="eval").body
+        node = ast.parse(spec.strip(), mode="eval").body
         arguments = {}
         if isinstance(node, ast.Call) and not node.args and all(keyword.arg for keyword in node.keywords):
             arguments = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
@@ -271,8 +289,8 @@ def parse_spec(spec: str) -> tuple[str, str | None, dict]:
             return node.value.id, node.attr, arguments
     except (SyntaxError, ValueError):
         pass
-    raise ValueError(f"Cannot read method spec {spec!r}; write it as hf_spec:Class(name=value, ...) or "
-                     "hf_spec:Class.from_pretrained(name=value, ...) with literal values.")
+    raise ValueError(f"Cannot read method spec {spec!r}; write it as Class(name=value, ...) or "
+                     "Class.from_pretrained(name=value, ...) with literal values.")
 
 
 # --------------------------------------------------------------------------------------------- verification rules
@@ -326,7 +344,7 @@ def available_methods(do_sample: bool) -> dict[str, Factory]:
     branching_presets = [name for name, factory in REGISTRY.items() if getattr(factory, "branching", False)]
     trees: list[tuple[type[Drafter], str]] = []
     for cls in exported_drafters():
-        factories.setdefault(f"{SPEC_PREFIX}{cls.__name__}", discovered_factory(cls))
+        factories.setdefault(cls.__name__, discovered_factory(cls))
         if not needs_more_than_defaults(cls):
             for shape in tree_shapes(cls):
                 factories[spec_name(cls, tree=shape)] = spec_factory(spec_name(cls, tree=shape))
@@ -345,8 +363,10 @@ def build_methods(target, draft, generation: dict, selection: list[str] | None =
                   ) -> tuple[list[Method], dict[str, str]]:
     """The methods to measure (baseline first) and, for those left out, why.
 
-    ``selection`` holds method names, glob patterns over them (``hf_spec:*``) or ``hf_spec:Class(...)``
-    specs; ``None`` means every available method. The baseline is always included.
+    ``selection`` holds method names, glob patterns over them (``*Drafter*``) or ``Class(...)`` specs;
+    ``None`` means every available method. The baseline is always included. A factory that finds its
+    method unsupported here (``NotApplicable``, or ``UnsupportedError`` such as heads trained for another
+    target) leaves it out, with the reason.
     """
     factories = available_methods(bool(generation.get("do_sample")))
     chosen = _resolve(selection, factories)
@@ -354,7 +374,7 @@ def build_methods(target, draft, generation: dict, selection: list[str] | None =
     for name, factory in chosen.items():
         try:
             method = factory(target, draft, generation)
-        except NotApplicable as reason:
+        except (NotApplicable, UnsupportedError) as reason:
             skipped[name] = str(reason)
             continue
         if method is None:
@@ -372,10 +392,10 @@ def _resolve(selection: list[str] | None, factories: dict[str, Factory]) -> dict
         matches = [name for name in factories if fnmatch.fnmatchcase(name, entry)]
         if matches:
             chosen.update({name: factories[name] for name in matches})
-        elif entry.startswith(SPEC_PREFIX) and "(" in entry:
+        elif "(" in entry or entry.startswith(MODEL_PREFIX):
             chosen[entry] = spec_factory(entry)
         else:
             raise ValueError(f"Unknown method {entry!r}; available: {', '.join(factories)} "
-                             "(or a spec such as hf_spec:PromptLookupDrafter(max_candidates=4)).")
+                             "(or a spec such as PromptLookupDrafter(max_candidates=4)).")
     return chosen
 

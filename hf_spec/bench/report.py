@@ -1,9 +1,10 @@
-"""Results as files people compare: raw JSON, a Markdown table in Spec-Bench's layout, a PNG plot.
+"""Results as files people compare: raw JSON, a Markdown table, a PNG plot (matplotlib: ``pip install hf_spec[bench]``).
 
 Spec-Bench (Xia et al. 2024) tabulates one row per method and one column per task group (speedup over
-plain decoding), then the mean accepted tokens and the overall speedup. Slowdowns are shown as they
-are (a speedup below 1.00x); methods whose greedy output differs from plain decoding are flagged in
-the table and listed under it.
+plain decoding), then the mean accepted tokens and the overall speedup: ``markdown``. The demo's
+``demo_markdown`` keeps one compact row per method (tokens/s, speedup, tau, identity). Slowdowns are
+shown as they are (a speedup below 1.00x); methods whose greedy output differs from plain decoding are
+flagged in the table and listed under it. ``labels`` maps method names to the names rows show.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from .identity import Mismatch
 from .metrics import OVERALL
 
 GROUP_TITLES = {"mt_bench": "MT-Bench", "code": "Code", "math": "Math", "summarization": "Summarization",
-                "qa": "QA", "extraction": "Extraction", OVERALL: "Overall"}
+                "qa": "QA", "extraction": "Extraction", "code_edit": "Code editing", OVERALL: "Overall"}
 
 
 def title(group: str) -> str:
@@ -30,7 +28,9 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def markdown(rows: list[dict], groups: list[str], header: str, greedy: bool,
-             skipped: dict[str, str] | None = None, mismatches: list[Mismatch] | None = None, tokenizer=None) -> str:
+             skipped: dict[str, str] | None = None, mismatches: list[Mismatch] | None = None, tokenizer=None,
+             labels: dict[str, str] | None = None) -> str:
+    """Spec-Bench's layout: speedup per task group and overall, tau, identity (greedy runs)."""
     columns = [title(group) for group in groups] + ["Overall", "Mean accepted tokens"]
     if greedy:
         columns.append("Identical to plain")
@@ -41,17 +41,46 @@ def markdown(rows: list[dict], groups: list[str], header: str, greedy: bool,
         cells += [_speedup(row[OVERALL]["speedup"]), f"{row[OVERALL]['mean_accepted_tokens']:.2f}"]
         if greedy:
             cells.append(_identity(row))
-        lossy = "" if row.get("lossless", True) else " (lossy)"
-        lines.append(f"| {row['method']}{lossy} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_row_name(row, labels)} | " + " | ".join(cells) + " |")
     baseline = rows[0]
-    lines += ["", f"Baseline ({baseline['method']}): {baseline[OVERALL]['tokens_per_second']:.1f} tokens/s overall "
-                  "(median over repetitions); speedups are ratios to it within each repetition, median over repetitions."]
+    lines += ["", f"Baseline ({_row_name(baseline, labels)}): {baseline[OVERALL]['tokens_per_second']:.1f} tokens/s "
+                  "overall (median over repetitions); speedups are ratios to it within each repetition, median over "
+                  "repetitions."]
+    return "\n".join(lines + _notes(skipped, mismatches, tokenizer, labels)) + "\n"
+
+
+def demo_markdown(rows: list[dict], header: str, greedy: bool, skipped: dict[str, str] | None = None,
+                  mismatches: list[Mismatch] | None = None, tokenizer=None, labels: dict[str, str] | None = None,
+                  footer: str = "") -> str:
+    """One compact row per method: tokens/s, speedup over plain decoding, tau and (greedy) identity."""
+    columns = ["tokens/s", "Speedup vs plain", "Mean accepted tokens"] + (["Identical to plain"] if greedy else [])
+    lines = [header, "", "| Method | " + " | ".join(columns) + " |", "|---|---:|---:|---:|" + (":---:|" if greedy else "")]
+    for row in rows:
+        overall = row[OVERALL]
+        cells = [f"{overall['tokens_per_second']:.1f}", _speedup(overall["speedup"]),
+                 f"{overall['mean_accepted_tokens']:.2f}"] + ([_identity(row)] if greedy else [])
+        lines.append(f"| {_row_name(row, labels)} | " + " | ".join(cells) + " |")
+    lines += ["", "tokens/s: median over repetitions; speedup: ratio to plain generate() within each repetition, "
+                  "median over repetitions."]
+    lines += _notes(skipped, mismatches, tokenizer, labels)
+    return "\n".join(lines + ([f"\n{footer}"] if footer else [])) + "\n"
+
+
+def _row_name(row: dict, labels: dict[str, str] | None) -> str:
+    name = (labels or {}).get(row["method"], row["method"])
+    return name + ("" if row.get("lossless", True) else " (lossy)")
+
+
+def _notes(skipped: dict[str, str] | None, mismatches: list[Mismatch] | None, tokenizer,
+           labels: dict[str, str] | None) -> list[str]:
+    lines = []
     if skipped:
-        lines += ["", "Not measured: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + "."]
+        lines += ["", "Not measured: " + "; ".join(f"{(labels or {}).get(name, name)} ({why})"
+                                                   for name, why in skipped.items()) + "."]
     if mismatches:
         lines += ["", f"**WARNING: {len(mismatches)} generation(s) differ from plain generate():**", ""]
         lines += [f"- {mismatch.describe(tokenizer)}" for mismatch in unique_mismatches(mismatches)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def unique_mismatches(mismatches: list[Mismatch]) -> list[Mismatch]:
@@ -74,8 +103,18 @@ def _identity(row: dict) -> str:
     return "yes" if row["identical"] else f"**NO** ({row['mismatched_generations']} generations)"
 
 
-def plot(rows: list[dict], groups: list[str], path: Path, subtitle: str = "") -> None:
-    """Grouped bars: speedup per task group (and overall) for each method but the baseline; 1.0 marked."""
+def plot(rows: list[dict], groups: list[str], path: Path, subtitle: str = "",
+         labels: dict[str, str] | None = None) -> None:
+    """Grouped bars: speedup per task group (and overall) for each method but the baseline; 1.0 marked.
+
+    Needs matplotlib (``pip install hf_spec[bench]``); raises ``ImportError`` saying so without it.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("The speedup plot needs matplotlib: pip install 'hf_spec[bench]'.") from error
+
     methods = rows[1:]
     columns = groups + [OVERALL]
     figure = Figure(figsize=(max(7.0, 1.3 * len(columns) + 0.25 * len(methods) * len(columns)), 4.8))
@@ -85,8 +124,8 @@ def plot(rows: list[dict], groups: list[str], path: Path, subtitle: str = "") ->
     for index, row in enumerate(methods):
         values = [(row["groups"][group] if group != OVERALL else row[OVERALL])["speedup"] or 0.0 for group in columns]
         positions = [column + (index - (len(methods) - 1) / 2) * width for column in range(len(columns))]
-        axes.bar(positions, values, width, label=row["method"])
-    axes.axhline(1.0, color="black", linestyle="--", linewidth=1, label=f"{rows[0]['method']} (1.0x)")
+        axes.bar(positions, values, width, label=_row_name(row, labels))
+    axes.axhline(1.0, color="black", linestyle="--", linewidth=1, label=f"{_row_name(rows[0], labels)} (1.0x)")
     axes.set_xticks(range(len(columns)), [title(column) for column in columns])
     axes.set_ylabel("speedup over plain generate()")
     axes.set_title("hf-spec bench" + (f": {subtitle}" if subtitle else ""), fontsize=10)

@@ -4,7 +4,8 @@ Load the target (and a draft: the given one, or an early exit of the target), pi
 build the methods, answer earlier conversation turns with the baseline, warm up, measure with
 repetitions in interleaved order, check greedy outputs against plain decoding, summarise, and write
 ``results.json`` (every raw measurement and the environment), ``results.md`` (the table) and
-``speedup.png`` into the output folder.
+``speedup.png`` (with matplotlib) into the output folder. ``hf-spec demo`` is this run with the
+``demo`` preset and its compact table.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from hf_spec.demo import load
 from hf_spec.drafters.early_exit import early_exit_model
+from hf_spec.models import load_model
 
 from .config import BenchConfig
 from .environment import cpu_name, environment, load_average, model_info
@@ -28,10 +29,12 @@ from .measure import Measurement, measure, warm_up
 from .methods import BASELINE, Method, build_methods
 from .metrics import summarize
 from .render import BenchItem, render_items
-from .report import markdown, plot, unique_mismatches, write_json
+from .report import demo_markdown, markdown, plot, unique_mismatches, write_json
 from .tasks import Prompt, load_tasks
 
 BUSY_LOAD = 1.0  # other processes keeping more than one core busy
+FULL_TABLES = ("Full tables, every method and task group: `hf-spec bench` (`--quick`: about 5 minutes; "
+               "`--config configs/bench/<model>.yaml`: the README's tables; `--list-methods`: what it compares).")
 
 
 @dataclass
@@ -45,7 +48,7 @@ class BenchResult:
 
 
 def _measured_as_spec(name: str, methods) -> bool:
-    """Whether a drafter skipped by discovery (``hf_spec:Class``) runs anyway as an explicit spec (``hf_spec:Class(...)``)."""
+    """Whether a drafter skipped by discovery (``Class``) runs anyway as an explicit spec (``Class(...)``)."""
     return any(method.name.startswith(name + "(") or method.name.startswith(name + ".") for method in methods)
 
 
@@ -59,7 +62,7 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     _warn_if_busy(env["load_average"])
     target_label = config.target if target is None else f"{type(target).__name__} (given)"
     if target is None:
-        target, tokenizer = load(config.target)
+        target, tokenizer = load_model(config.target)
     draft, draft_label = _draft(config, target, draft)
     prompts = load_tasks(config.tasks, config.limit, config.seed) if prompts is None else prompts
     generation = generation_kwargs(config)
@@ -83,7 +86,10 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     for row, method in zip(rows, methods):
         row["lossless"] = method.lossless
     header = _header(config, target_label, draft_label, prompts, items, env)
-    table = markdown(rows, groups, header, config.greedy, skipped, mismatches, tokenizer)
+    if config.table == "demo":
+        table = demo_markdown(rows, header, config.greedy, skipped, mismatches, tokenizer, config.labels, FULL_TABLES)
+    else:
+        table = markdown(rows, groups, header, config.greedy, skipped, mismatches, tokenizer, config.labels)
     payload = {
         "command": sys.argv,
         "config": asdict(config),
@@ -99,7 +105,8 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     result = BenchResult(rows, measurements, mismatches, skipped, table)
-    result.files = _write(config.output_dir(), payload, table, rows, groups, f"{target_label}, draft: {draft_label}")
+    result.files = _write(config.output_dir(), payload, table, rows, groups, f"{target_label}, draft: {draft_label}",
+                          config.labels)
     _announce(result, tokenizer)
     return result
 
@@ -114,8 +121,8 @@ def _draft(config: BenchConfig, target, draft) -> tuple[object | None, str]:
     if draft is not None:
         return draft, config.draft or f"{type(draft).__name__} (given)"
     if config.draft:
-        return load(config.draft)[0], config.draft
-    if config.early_exit_layers < target.config.num_hidden_layers:
+        return load_model(config.draft)[0], config.draft
+    if config.early_exit_layers is not None and config.early_exit_layers < target.config.num_hidden_layers:
         return early_exit_model(target, config.early_exit_layers), f"early exit after layer {config.early_exit_layers}"
     return None, "none"
 
@@ -158,8 +165,10 @@ def _item_info(item: BenchItem, outputs: dict, tokenizer) -> dict:
 def _header(config: BenchConfig, target_label: str, draft_label: str, prompts: list[Prompt],
             items: list[BenchItem], env: dict) -> str:
     mode = "greedy" if config.greedy else f"sampling at temperature {config.temperature:g}"
-    return (f"**hf-spec bench** - target `{target_label}`, draft `{draft_label}`; {mode}, max_new_tokens="
-            f"{config.max_new_tokens}; {len(prompts)} prompts ({len(items)} generations per method and repetition); "
+    command = "demo" if config.table == "demo" else "bench"
+    shown = f" ({', '.join(item.id for item in items)})" if len(items) <= 6 else ""
+    return (f"**hf-spec {command}** - target `{target_label}`, draft `{draft_label}`; {mode}, max_new_tokens="
+            f"{config.max_new_tokens}; {len(prompts)} prompts{shown} ({len(items)} generations per method and repetition); "
             f"median of {config.repeats} interleaved repetitions after {config.warmup} warm-up; torch threads "
             f"{config.threads}; {cpu_name()}; load average {env['load_average'] and env['load_average'][0]} at start; "
             f"torch {env['torch']}, transformers {env['transformers']}.")
@@ -172,13 +181,18 @@ def _warn_if_busy(load: list[float] | None) -> None:
               "prefer an otherwise idle machine for results you publish.", file=sys.stderr)
 
 
-def _write(folder: Path, payload: dict, table: str, rows: list[dict], groups: list[str], subtitle: str
-           ) -> dict[str, Path]:
+def _write(folder: Path, payload: dict, table: str, rows: list[dict], groups: list[str], subtitle: str,
+           labels: dict[str, str]) -> dict[str, Path]:
+    """The result files; the plot only where matplotlib is installed (the numbers never depend on it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"json": folder / "results.json", "markdown": folder / "results.md", "plot": folder / "speedup.png"}
+    files = {"json": folder / "results.json", "markdown": folder / "results.md"}
     write_json(files["json"], payload)
     files["markdown"].write_text(table)
-    plot(rows, groups, files["plot"], subtitle)
+    try:
+        plot(rows, groups, folder / "speedup.png", subtitle, labels)
+        files["plot"] = folder / "speedup.png"
+    except ImportError as error:
+        print(f"[hf_spec bench] no speedup.png: {error}", file=sys.stderr)
     return files
 
 

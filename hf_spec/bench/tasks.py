@@ -9,6 +9,7 @@ The groups here:
 - ``code``: HumanEval (Chen et al. 2021): complete a Python function from its signature and docstring.
 - ``math``: GSM8K test (Cobbe et al. 2021): grade-school word problems, solved step by step.
 - ``summarization``, ``qa``, ``extraction``: input-grounded tasks over the documents of ``passages.py``.
+- ``code_edit``: edit a given Python function (``code_edits.py``): the answer mostly repeats the input.
 
 ``load_tasks(groups, limit, seed)`` picks ``limit`` prompts per group with a seeded random sample, kept
 in the data set's order, so that the same settings always measure the same prompts.
@@ -22,6 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from .code_edits import CODE_EDITS
 from .passages import PASSAGES
 from .sources import read_data_file
 
@@ -75,6 +77,11 @@ def extraction() -> list[Prompt]:
             for p in PASSAGES]
 
 
+def code_edit() -> list[Prompt]:
+    return [Prompt(f"code_edit/{edit['id']}", "code_edit", (f"{edit['request']}\n\n```python\n{edit['code']}```",))
+            for edit in CODE_EDITS]
+
+
 TASK_GROUPS: dict[str, Callable[[], list[Prompt]]] = {
     "mt_bench": mt_bench,
     "code": code,
@@ -82,6 +89,7 @@ TASK_GROUPS: dict[str, Callable[[], list[Prompt]]] = {
     "summarization": summarization,
     "qa": qa,
     "extraction": extraction,
+    "code_edit": code_edit,
 }
 
 

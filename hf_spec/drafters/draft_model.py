@@ -29,13 +29,13 @@ class DraftModelDrafter(Drafter):
             (the schedule transformers uses for assisted generation).
         confidence_threshold: stop drafting early once the draft's probability of its own token
             falls below this (adaptive draft length); ``None`` drafts the full length.
-        tree: ``"chain"``; ``"static"``: each depth also proposes ``top_k - 1`` alternatives (the
-            draft's next best when greedy, further draws in the verification rule's sibling scheme
-            when sampling) as leaves beside the chain, at no extra draft cost; ``"dynamic"``: an
-            EAGLE-2-style tree of ``num_tokens`` levels, ``top_k`` expansions per level and
-            ``tree_budget`` nodes (one draft forward per level, over the expanded nodes).
-            ``generate(tree=..., tree_budget=..., tree_depth=..., tree_top_k=...)`` overrides these
-            for one call.
+        tree: the tree shape (``hf_spec.engine.dynamic_tree.TREE_SHAPES``). ``"chain"``; ``"static"``:
+            each depth also proposes ``top_k - 1`` alternatives (the draft's next best when greedy,
+            further draws in the verification rule's sibling scheme when sampling) as leaves beside the
+            chain, at no extra draft cost; ``"dynamic"``: an EAGLE-2-style tree of ``num_tokens`` levels,
+            ``top_k`` expansions per level and ``tree_budget`` nodes (one draft forward per level, over
+            the expanded nodes). With ``top_k`` and ``tree_budget`` it makes ``default_tree_spec``;
+            ``generate(tree=..., tree_budget=..., tree_depth=..., tree_top_k=...)`` overrides it for one call.
         top_k: alternatives per depth (default 2 for "static", 4 for "dynamic"); ``top_k > 1`` with
             ``tree="chain"`` means "static".
         tree_budget: nodes kept in a dynamic tree.
@@ -56,8 +56,8 @@ class DraftModelDrafter(Drafter):
             raise ValueError("num_tokens must be at least 1.")
         if tree == "chain" and top_k is not None and top_k > 1:
             tree = "static"
-        self.default_tree = TreeSpec(tree, top_k=top_k or _DEFAULT_TOP_K[tree], budget=tree_budget)
-        self.tree = self.default_tree
+        self.default_tree_spec = TreeSpec(tree, top_k=top_k or _DEFAULT_TOP_K[tree], budget=tree_budget)
+        self.tree_spec = self.default_tree_spec  # this generate() call's
         self.draft_model = draft_model
         self.initial_num_tokens = num_tokens
         self.num_tokens = num_tokens
@@ -70,9 +70,10 @@ class DraftModelDrafter(Drafter):
         self._forward_model = draft_model  # the draft model, or its trimmed-vocabulary view (set in begin)
 
     def begin(self, target, input_ids, generation_config, logits_processor, sibling_scheme="top_k",
-              tree: TreeSpec | None = None) -> None:
+              tree_spec: TreeSpec | None = None) -> None:
+        """``tree_spec`` is the ``TreeSpec`` of ``generate(tree=...)``, ``None`` for the constructor's."""
         super().begin(target, input_ids, generation_config, logits_processor, sibling_scheme)
-        self.tree = tree or self.default_tree
+        self.tree_spec = tree_spec or self.default_tree_spec
         target_vocab = target.get_output_embeddings().weight.shape[0]
         draft_vocab = self.draft_model.get_output_embeddings().weight.shape[0]
         if target_vocab != draft_vocab:
@@ -95,11 +96,11 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, request: DraftRequest) -> DraftTree:
         ids = request.input_ids[0]
-        length = min(self.tree.depth or self.num_tokens, request.max_tokens)
+        length = min(self.tree_spec.depth or self.num_tokens, request.max_tokens)
         if length == 0:
             return DraftTree.empty(ids.device)
         logits = self._logits_after(ids)
-        if self.tree.shape == "dynamic":
+        if self.tree_spec.shape == "dynamic":
             return self._propose_dynamic(request.input_ids, logits, length)
         return self._propose_chain(request.input_ids, logits, length)
 
@@ -136,7 +137,7 @@ class DraftModelDrafter(Drafter):
     # ------------------------------------------------------------------ helpers
     def _pick(self, scores: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
         """Chain token first, then the alternatives; and the distribution each was drawn from."""
-        count = self.tree.top_k if self.tree.shape == "static" else 1
+        count = self.tree_spec.top_k if self.tree_spec.shape == "static" else 1
         if count == 1 and not self.do_sample:
             return [int(scores.argmax())], [None]
         return draw_siblings(torch.softmax(scores, dim=-1), count, self.sibling_scheme)
@@ -155,7 +156,7 @@ class DraftModelDrafter(Drafter):
             sequences = torch.cat([input_ids.expand(len(frontier), -1), input_ids.new_tensor(paths)], dim=1)
             return torch.log_softmax(self.logits_processor(sequences, logits.float()), dim=-1)
 
-        tree = grow_dynamic_tree(expand, depth, self.tree.top_k, self.tree.budget, input_ids.device)
+        tree = grow_dynamic_tree(expand, depth, self.tree_spec.top_k, self.tree_spec.budget, input_ids.device)
         self._cache.crop(committed - self._cache.get_seq_length())
         self._cached_ids = input_ids[0]
         return tree
@@ -215,7 +216,7 @@ class DraftModelDrafter(Drafter):
 
     def __repr__(self) -> str:
         return (f"DraftModelDrafter({type(self.draft_model).__name__}, num_tokens={self.initial_num_tokens}, "
-                f"schedule={self.schedule!r}, tree={self.default_tree.shape!r})")
+                f"schedule={self.schedule!r}, tree={self.default_tree_spec.shape!r})")
 
 
 _DEFAULT_TOP_K = {"chain": 1, "static": 2, "dynamic": 4}

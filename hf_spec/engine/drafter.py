@@ -87,17 +87,17 @@ class Drafter(ABC):
         self.sibling_scheme = "top_k"
 
     def begin(self, target, input_ids: torch.Tensor, generation_config: GenerationConfig,
-              logits_processor: LogitsProcessorList, sibling_scheme: str = "top_k", tree=None) -> None:
+              logits_processor: LogitsProcessorList, sibling_scheme: str = "top_k", tree_spec=None) -> None:
         """Start a generate() call: check compatibility with ``target`` and reset per-call state.
 
         ``logits_processor`` is the target's (wrapped for tree rows: call it on ``(rows, length)``
         ids and ``(rows, vocab)`` scores): drafters that produce distributions run their logits
         through it so that they sample from (and report) the same processed distributions the
         target is verified with. ``sibling_scheme`` (see ``hf_spec.engine.siblings``) is how the
-        verification rule needs several candidates for one node to be drawn. ``tree`` (a
-        ``TreeSpec`` from ``generate(tree=...)``) is only accepted by drafters that build such trees.
+        verification rule needs several candidates for one node to be drawn. ``tree_spec`` (the
+        ``TreeSpec`` of ``generate(tree=...)``) is only accepted by drafters that build such trees.
         """
-        if tree is not None:
+        if tree_spec is not None:
             raise UnsupportedError(
                 f"{type(self).__name__} does not take generate(tree=...); tree shapes are options of drafters "
                 "that grow trees from distributions, e.g. DraftModelDrafter."

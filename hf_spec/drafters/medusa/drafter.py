@@ -1,7 +1,8 @@
 """Medusa inference: draft a tree from the heads on the target's hidden state of the last committed token.
 
 Candidates form a static tree of *rank paths* (``rank_tree.py``): the default tree follows the paper's
-construction from each head's measured rank accuracies. The engine verifies the tree (greedy, lossless
+construction from each head's measured rank accuracies. The ``chain`` and ``dynamic`` tree shapes
+(``hf_spec.engine.dynamic_tree``) are available too. The engine verifies the tree (greedy, lossless
 rejection sampling, or any other rule it is asked for); Medusa itself never decides acceptance.
 
 Medusa-1 trains the heads with the target frozen; Medusa-2 also trains LoRA adapters on the target
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree
+from ...engine.dynamic_tree import TREE_SHAPES, TreeSpec, grow_dynamic_tree
 from ...engine.features import FINAL
 from ...engine.siblings import draw_siblings
 from ...engine.tree import DraftTree
@@ -33,10 +34,15 @@ class MedusaDrafter(Drafter):
 
     Args:
         heads: trained ``MedusaHeads``.
-        tree: ``None`` (the best tree of ``num_nodes`` nodes for the checkpoint's measured head
-            accuracies, as in the Medusa paper), ``"chain"`` (top-1 of every head), or a list of rank paths
-            such as ``[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]``.
-        num_nodes: node budget of the derived tree (default: the checkpoint's ``default_num_nodes``).
+        tree: the tree shape (``hf_spec.engine.dynamic_tree.TREE_SHAPES``). ``None`` or ``"static"``: a static
+            tree of rank paths, ``rank_paths`` if given, else the checkpoint's ``rank_paths``, else the best
+            tree of ``num_nodes`` nodes for the checkpoint's measured head accuracies (the Medusa paper's
+            construction). ``"chain"``: top-1 of every head. ``"dynamic"``: an EAGLE-2-style tree of
+            ``num_nodes`` nodes grown from each step's head confidences (``hf_spec.engine.dynamic_tree``).
+        rank_paths: the static tree itself, as rank paths such as ``[(0,), (1,), (0, 0), (0, 1), (1, 0)]``
+            (``rank_tree.py``: node ``(..., r)`` at depth ``d`` is head ``d-1``'s ``r``-th best token).
+        num_nodes: node budget of the derived or dynamic tree (default: the checkpoint's
+            ``default_num_nodes``).
         proposal: ``"topk"`` proposes node ``(..., r)`` deterministically as its head's ``r``-th best token
             (point masses: lossless with every verification rule). ``"sample"`` draws the children of each
             node from the head's distribution (after the target's logits processors) in the way the
@@ -46,7 +52,7 @@ class MedusaDrafter(Drafter):
     ``generate(tree="chain" | "static" | "dynamic", tree_budget=..., tree_depth=..., tree_top_k=...)``
     reshapes the tree for one call: ``"static"`` is the accuracy-derived tree with ``tree_budget`` nodes
     and ranks below ``tree_top_k``; ``"dynamic"`` grows an EAGLE-2-style tree from this step's head
-    confidences (``hf_spec.engine.dynamic_tree``).
+    confidences.
 
     Verification is the engine's (``generate(verification=...)``). Medusa's "typical acceptance" is a
     lossy rule the engine applies only when asked explicitly; the default rules keep the output exactly
@@ -55,22 +61,30 @@ class MedusaDrafter(Drafter):
 
     target_features = (FINAL,)  # Medusa heads read the last hidden state after the final norm
 
-    def __init__(self, heads: MedusaHeads, tree: str | list | None = None, num_nodes: int | None = None,
-                 proposal: str = "topk"):
+    def __init__(self, heads: MedusaHeads, tree: str | None = None, rank_paths: list | None = None,
+                 num_nodes: int | None = None, proposal: str = "topk"):
         super().__init__()
         if proposal not in ("topk", "sample"):
             raise ValueError(f"proposal must be 'topk' or 'sample', got {proposal!r}.")
+        shape = _check_shape(tree, rank_paths, num_nodes)
+        config = heads.config
         self.heads = heads.eval()
         self.proposal = proposal
-        self.default_rank_tree = RankTree(self._choose_paths(heads.config, tree, num_nodes))
-        self.rank_tree = self.default_rank_tree
-        self.dynamic: TreeSpec | None = None
+        if shape == "static":
+            self.default_rank_tree = RankTree(self._static_paths(config, rank_paths, num_nodes))
+        else:
+            self.default_rank_tree = RankTree(chain_paths(config.num_heads))
+        # The TreeSpec of a dynamic tree (None: draft the static rank tree), by default and for this call.
+        self.default_dynamic_spec = (TreeSpec("dynamic", budget=num_nodes or config.default_num_nodes)
+                                     if shape == "dynamic" else None)
+        self.rank_tree, self.dynamic_spec = self.default_rank_tree, self.default_dynamic_spec
         self._lm_head: nn.Module | None = None
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, target, *, tree: str | list | None = None,
-                        num_nodes: int | None = None, proposal: str = "topk", revision: str | None = None,
-                        token: str | bool | None = None, local_files_only: bool = False) -> MedusaDrafter:
+    def from_pretrained(cls, path_or_id: str | Path, target, *, tree: str | None = None,
+                        rank_paths: list | None = None, num_nodes: int | None = None, proposal: str = "topk",
+                        revision: str | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False) -> MedusaDrafter:
         """Load heads from a folder or Hub repo id, check them against ``target`` and build the drafter.
 
         For a Medusa-2 checkpoint (``config.adapter`` set) ``target`` must already carry the trained
@@ -80,28 +94,26 @@ class MedusaDrafter(Drafter):
                                             local_files_only=local_files_only)
         if heads.config.medusa_version == 2:
             logger.info("Medusa-2 heads: generate with the target whose LoRA adapter (%s) is merged.", heads.config.adapter)
-        return cls(heads, tree=tree, num_nodes=num_nodes, proposal=proposal)
+        return cls(heads, tree=tree, rank_paths=rank_paths, num_nodes=num_nodes, proposal=proposal)
 
     @staticmethod
-    def _choose_paths(config: MedusaConfig, tree, num_nodes: int | None) -> list[RankPath]:
-        if tree == "chain":
-            return chain_paths(config.num_heads)
-        if tree is not None and not isinstance(tree, str):
-            paths = [tuple(int(rank) for rank in path) for path in tree]
+    def _static_paths(config: MedusaConfig, rank_paths, num_nodes: int | None) -> list[RankPath]:
+        if rank_paths is not None:
+            paths = [tuple(int(rank) for rank in path) for path in rank_paths]
             validate_rank_paths(paths, config.num_heads)
             return paths
-        if tree is not None:
-            raise ValueError(f"tree must be None, 'chain' or a list of rank paths, got {tree!r}.")
-        if num_nodes is None and config.tree is not None:
-            return [tuple(path) for path in config.tree]
+        if num_nodes is None and config.rank_paths is not None:
+            return [tuple(path) for path in config.rank_paths]
         return best_rank_tree(head_rank_accuracies(config), num_nodes or config.default_num_nodes)
 
     @property
-    def tree_paths(self) -> list[RankPath]:
+    def rank_paths(self) -> list[RankPath]:
+        """The rank paths drafted (this call's after ``begin``); for a dynamic tree, its depth as a chain."""
         return list(self.rank_tree.paths)
 
-    def begin(self, target, input_ids, generation_config, logits_processor, tree: TreeSpec | None = None,
+    def begin(self, target, input_ids, generation_config, logits_processor, tree_spec: TreeSpec | None = None,
               **options) -> None:
+        """``tree_spec`` is the ``TreeSpec`` of ``generate(tree=...)``, ``None`` for the constructor's tree."""
         super().begin(target, input_ids, generation_config, logits_processor, **options)
         self.heads.check_compatible(target, note_base_model=False)
         self._lm_head = target.get_output_embeddings() if self.heads.config.share_lm_head else None
@@ -109,19 +121,19 @@ class MedusaDrafter(Drafter):
         first = next(self.heads.parameters())
         if first.device != weight.device or first.dtype != weight.dtype:
             self.heads.to(device=weight.device, dtype=weight.dtype)
-        self.rank_tree, self.dynamic = self._tree_for_call(tree)
+        self.rank_tree, self.dynamic_spec = self._tree_for_call(tree_spec)
 
-    def _tree_for_call(self, spec: TreeSpec | None) -> tuple[RankTree, TreeSpec | None]:
-        if spec is None:
-            return self.default_rank_tree, None
+    def _tree_for_call(self, tree_spec: TreeSpec | None) -> tuple[RankTree, TreeSpec | None]:
+        if tree_spec is None:
+            return self.default_rank_tree, self.default_dynamic_spec
         num_heads = self.heads.config.num_heads
-        depth = min(spec.depth or num_heads, num_heads)
-        if spec.shape == "chain":
+        depth = min(tree_spec.depth or num_heads, num_heads)
+        if tree_spec.shape == "chain":
             return RankTree(chain_paths(depth)), None
-        if spec.shape == "dynamic":
-            return RankTree(chain_paths(depth)), spec
-        accuracies = [row[: spec.top_k] for row in head_rank_accuracies(self.heads.config)[:depth]]
-        return RankTree(best_rank_tree(accuracies, spec.budget)), None
+        if tree_spec.shape == "dynamic":
+            return RankTree(chain_paths(depth)), tree_spec
+        accuracies = [row[: tree_spec.top_k] for row in head_rank_accuracies(self.heads.config)[:depth]]
+        return RankTree(best_rank_tree(accuracies, tree_spec.budget)), None
 
     @torch.no_grad()
     def propose(self, request: DraftRequest) -> DraftTree:
@@ -135,7 +147,7 @@ class MedusaDrafter(Drafter):
         num_heads = skeleton.max_depth
         logits = torch.stack([self.heads.head_logits(k, hidden[None], self._lm_head)[0] for k in range(num_heads)])
         scores = self.logits_processor(request.input_ids.expand(num_heads, -1), logits.float())
-        if self.dynamic is not None:
+        if self.dynamic_spec is not None:
             return self._dynamic_tree(torch.log_softmax(scores, dim=-1), device)
         if self.proposal == "sample" and self.do_sample:
             return self._sampled_tree(skeleton, torch.softmax(scores, dim=-1), self.sibling_scheme, device)
@@ -179,7 +191,7 @@ class MedusaDrafter(Drafter):
 
     def _dynamic_tree(self, log_probs: torch.Tensor, device) -> DraftTree:
         """EAGLE-2-style growth where every node at depth ``d`` expands with head ``d``'s distribution."""
-        spec = self.dynamic
+        tree_spec = self.dynamic_spec
         depth_of: dict[int, int] = {-1: 0}
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
@@ -187,10 +199,28 @@ class MedusaDrafter(Drafter):
                 depth_of[node] = depth_of[parents[node]] + 1
             return log_probs[[depth_of[node] for node in frontier]]
 
-        return grow_dynamic_tree(expand, log_probs.shape[0], spec.top_k, spec.budget, device)
+        return grow_dynamic_tree(expand, log_probs.shape[0], tree_spec.top_k, tree_spec.budget, device)
 
     def __repr__(self) -> str:
         config = self.heads.config
-        tree = self.default_rank_tree
-        return (f"MedusaDrafter(heads={config.num_heads}, layers={config.num_layers}, nodes={len(tree.paths)}, "
-                f"depth={tree.max_depth}, proposal={self.proposal!r})")
+        if self.default_dynamic_spec is not None:
+            shape = f"tree='dynamic', nodes={self.default_dynamic_spec.budget}"
+        else:
+            shape = f"nodes={len(self.default_rank_tree.paths)}"
+        return (f"MedusaDrafter(heads={config.num_heads}, layers={config.num_layers}, {shape}, "
+                f"depth={self.default_rank_tree.max_depth}, proposal={self.proposal!r})")
+
+
+def _check_shape(tree, rank_paths, num_nodes) -> str:
+    """The constructor's tree shape (``None`` is ``"static"``), refusing combinations that mean nothing."""
+    if tree is not None and not isinstance(tree, str):
+        raise ValueError("tree= takes a shape name ('chain', 'static' or 'dynamic'); pass a list of rank paths "
+                         "as rank_paths=.")
+    shape = tree or "static"
+    if shape not in TREE_SHAPES:
+        raise ValueError(f"tree must be None or one of {TREE_SHAPES}, got {tree!r}.")
+    if rank_paths is not None and shape != "static":
+        raise ValueError(f"rank_paths is a static tree; it does not combine with tree={tree!r}.")
+    if rank_paths is not None and num_nodes is not None:
+        raise ValueError("num_nodes sizes a derived tree; rank_paths gives the tree itself, so pass one of them.")
+    return shape

@@ -20,11 +20,11 @@ def validate_rank_paths(paths: list[RankPath], num_heads: int) -> None:
     present = set(paths)
     for path in paths:
         if not path or len(path) > num_heads or min(path) < 0:
-            raise ValueError(f"Medusa tree path {path} must have 1..{num_heads} non-negative ranks.")
+            raise ValueError(f"Medusa rank path {path} must have 1..{num_heads} non-negative ranks.")
         if len(path) > 1 and path[:-1] not in present:
-            raise ValueError(f"Medusa tree path {path} lacks its parent {path[:-1]}.")
+            raise ValueError(f"Medusa rank path {path} lacks its parent {path[:-1]}.")
     if len(present) != len(paths):
-        raise ValueError("Medusa tree paths must be distinct.")
+        raise ValueError("Medusa rank paths must be distinct.")
 
 
 def validate_rank_accuracies(accuracies: list[list[float]], num_heads: int) -> None:

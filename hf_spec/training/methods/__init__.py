@@ -7,7 +7,8 @@ first use, so adding a method touches no existing file. The core calls, in this 
 
 1. ``sections`` (class attribute): the recipe sections it adds, e.g. Medusa's ``medusa`` and ``medusa2``;
    ``validate(config)`` returns the problems of those settings.
-2. ``build(config, target)``: the drafter modules and the objective (an ``nn.Module`` whose
+2. ``batch_features(config)``: which cached target features its batches carry (``data.feature_layers``);
+   ``build(config, target)``: the drafter modules and the objective (an ``nn.Module`` whose
    ``forward(**batch)`` returns a dict with a scalar ``loss``; every other tensor is logged), its optimizer
    parameter groups, and an optional ``on_step`` hook run before each optimizer step.
 3. ``evaluate(accelerator, objective, heldout, config)``: held-out numbers for ``eval.json`` and the card.
@@ -82,6 +83,11 @@ class TrainingMethod(ABC):
     @abstractmethod
     def load_drafter(self, config, output_dir: Path) -> tuple[Any, Any]:
         """``(target, drafter)`` from ``output_dir`` for decoding (the target as the drafter expects it)."""
+
+    def batch_features(self, config) -> list:
+        """Cached target features (names from ``data.feature_layers``: ``"final"`` or a layer index) that the
+        objective's ``forward`` takes, as ``hidden`` (``"final"``) or ``hidden_<i>``; none by default."""
+        return []
 
     def generation_details(self, drafter) -> dict:
         """Extra facts about the drafter used in the decoding check (e.g. its tree size)."""

@@ -70,11 +70,17 @@ class MedusaMethod(TrainingMethod):
         if config.medusa2.lm_loss not in ("kl_to_base", "ce"):
             problems.append(f"medusa2.lm_loss must be 'kl_to_base' or 'ce', got {config.medusa2.lm_loss!r}")
         if config.data.cache_hidden_states and config.medusa.version == 2:
-            problems.append("data.cache_hidden_states needs a frozen target: it is for Medusa-1 only")
+            problems.append("data.cache_hidden_states needs a frozen target: it is for Medusa-1 only (Medusa-2 "
+                            "recomputes the hidden states of the backbone it trains)")
         return problems
 
     def title(self, config) -> str:
         return f"Medusa-{config.medusa.version}"
+
+    def batch_features(self, config) -> list:
+        """Medusa-1 reads the cached last hidden state (after the final norm) when the data holds it; Medusa-2
+        trains the backbone, so its hidden states are recomputed every step."""
+        return ["final"] if config.medusa.version == 1 and "final" in config.data.cached_features() else []
 
     # ------------------------------------------------------------------ training
     def build(self, config, target) -> MethodParts:
@@ -127,7 +133,7 @@ class MedusaMethod(TrainingMethod):
         return target, MedusaDrafter.from_pretrained(output_dir, target=target)
 
     def generation_details(self, drafter) -> dict:
-        return {"tree_nodes": len(drafter.tree_paths)}
+        return {"tree_nodes": len(drafter.rank_paths)}
 
     # ------------------------------------------------------------------ model card
     def card_values(self, config, summary: dict) -> dict:

@@ -1,0 +1,91 @@
+"""Select a draft vocabulary from the target's own outputs (VocabTrim, FR-Spec, EAGLE-3's d2t).
+
+The tokens counted are the assistant tokens (loss mask 1) of prepared training data, which for self-distilled
+data are exactly the target's own replies: the distribution a drafter has to predict. The ``N`` most frequent
+(plus the end-of-turn tokens, which a drafter must be able to propose) become the ``DraftVocabulary``. Its
+coverage of held-out replies says how often the target emits a token the trimmed drafter cannot propose
+(those positions are always rejected, so coverage bounds the acceptance a trimmed drafter can reach).
+
+    python -m hf_spec.training.vocab_selection --config configs/data/smollm2-135m-selfdistill.yaml \\
+        --size 8192 --out outputs/draft_vocab/smollm2-8k [--report 1024 4096 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ..drafters.draft_vocab import DraftVocabulary
+
+
+def count_assistant_tokens(prepared, split: str, vocab_size: int) -> torch.Tensor:
+    """``(vocab_size,)`` occurrences of each token among the assistant tokens of a prepared split."""
+    tokens = prepared.tokens()
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for index in prepared.split_indices(split):
+        row = tokens.read(index, ["input_ids", "loss_mask"])
+        replies = row["input_ids"].long()[row["loss_mask"].bool()]
+        if replies.numel() and int(replies.max()) >= vocab_size:
+            raise ValueError(f"Token id {int(replies.max())} in the data is outside the {vocab_size}-token vocabulary; "
+                             "the data was built with another tokenizer.")
+        counts += torch.bincount(replies, minlength=vocab_size).double()
+    return counts
+
+
+def select_draft_vocabulary(prepared, size: int, vocab_size: int, always_include=()) -> DraftVocabulary:
+    """The ``size`` most frequent target tokens of the prepared training split, with train and held-out coverage."""
+    train = count_assistant_tokens(prepared, "train", vocab_size)
+    heldout = count_assistant_tokens(prepared, "heldout", vocab_size)
+    vocabulary = DraftVocabulary.from_token_counts(train, size, always_include=always_include,
+                                                   metadata={"selected_from": str(prepared.tokens_dir), "split": "train"})
+    vocabulary.metadata["coverage_of_heldout_tokens"] = round(vocabulary.coverage(heldout), 6)
+    vocabulary.metadata["heldout_tokens"] = int(heldout.sum())
+    return vocabulary
+
+
+def coverage_table(prepared, sizes: list[int], vocab_size: int) -> list[dict]:
+    """Train and held-out coverage of the top-``N`` vocabulary for each ``N`` in ``sizes``."""
+    train = count_assistant_tokens(prepared, "train", vocab_size)
+    heldout = count_assistant_tokens(prepared, "heldout", vocab_size)
+    rows = []
+    for size in sizes:
+        vocabulary = DraftVocabulary.from_token_counts(train, size)
+        rows.append({"size": size, "fraction_of_vocabulary": round(size / vocab_size, 4),
+                     "train_coverage": round(vocabulary.coverage(train), 4),
+                     "heldout_coverage": round(vocabulary.coverage(heldout), 4)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import load_target
+    from .prepare_data import load_prepared_data, load_recipe_sections, needs_target
+    from .self_distill import stop_token_ids
+
+    parser = argparse.ArgumentParser(prog="python -m hf_spec.training.vocab_selection",
+                                     description="Select a draft vocabulary from prepared data.")
+    parser.add_argument("--config", required=True, help="the recipe / data config the data was prepared with")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--size", type=int, help="tokens in the draft vocabulary")
+    parser.add_argument("--out", help="folder to save the vocabulary in (draft_vocab.safetensors + .json)")
+    parser.add_argument("--report", type=int, nargs="*", default=[], help="also print coverage for these sizes")
+    args = parser.parse_args(argv)
+    model_section, data = load_recipe_sections(args.config, args.overrides)
+    target, tokenizer = load_target(model_section.name_or_path, model_section.dtype)
+    prepared = load_prepared_data(data, tokenizer, target if needs_target(data) else None)
+    vocab_size = target.get_output_embeddings().weight.shape[0]
+    if args.report:
+        print(json.dumps(coverage_table(prepared, args.report, vocab_size), indent=1))
+    if args.size:
+        vocabulary = select_draft_vocabulary(prepared, args.size, vocab_size,
+                                             always_include=stop_token_ids(target, tokenizer))
+        print(vocabulary, json.dumps(vocabulary.metadata, indent=1))
+        if args.out:
+            vocabulary.save(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
