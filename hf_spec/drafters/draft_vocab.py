@@ -54,6 +54,7 @@ class DraftVocabulary:
         self.metadata = dict(metadata or {})
         self.target_to_draft = torch.full((self.target_vocab_size,), -1, dtype=torch.long)
         self.target_to_draft[ids] = torch.arange(ids.numel())
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}  # maps copied to accelerators, once
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,12 +107,22 @@ class DraftVocabulary:
         return f"DraftVocabulary({self.size} of {self.target_vocab_size} target tokens)"
 
     # ------------------------------------------------------------------ id and distribution maps
+    def draft_to_target_on(self, device: torch.device) -> torch.Tensor:
+        """``draft_to_target`` on ``device`` (copied there once, not on every call)."""
+        return self._map_on("draft_to_target", device)
+
+    def _map_on(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(device)
+        return self._on_device[key]
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return self.draft_to_target.to(draft_ids.device)[draft_ids]
+        return self.draft_to_target_on(draft_ids.device)[draft_ids]
 
     def to_draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids of ``target_ids``; ``-1`` for tokens outside the draft vocabulary."""
-        return self.target_to_draft.to(target_ids.device)[target_ids]
+        return self._map_on("target_to_draft", target_ids.device)[target_ids]
 
     def contains(self, target_ids: torch.Tensor) -> torch.Tensor:
         return self.to_draft_ids(target_ids) >= 0
@@ -129,7 +140,7 @@ class DraftVocabulary:
         if values.shape[-1] != self.size:
             raise ValueError(f"Expected {self.size} draft-vocabulary scores in the last dimension, got {values.shape[-1]}.")
         full = values.new_full((*values.shape[:-1], self.target_vocab_size), fill)
-        index = self.draft_to_target.to(values.device).expand_as(values)
+        index = self.draft_to_target_on(values.device).expand_as(values)
         return full.scatter(-1, index, values)
 
     def trim_output_rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -137,7 +148,7 @@ class DraftVocabulary:
         if weight.shape[0] != self.target_vocab_size:
             raise UnsupportedError(f"The output projection has {weight.shape[0]} rows but this draft vocabulary maps a "
                                    f"{self.target_vocab_size}-token target vocabulary; select it for this target.")
-        return weight[self.draft_to_target.to(weight.device)]
+        return weight[self.draft_to_target_on(weight.device)]
 
     def coverage(self, counts) -> float:
         """Fraction of the token occurrences in ``counts`` (``V``-long) that fall inside the draft vocabulary."""
@@ -147,14 +158,17 @@ class DraftVocabulary:
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> None:
-        """``draft_vocab.safetensors`` (``d2t``, ``t2d``) and ``draft_vocab.json`` (sizes and metadata)."""
+        """``draft_vocab.safetensors`` (``d2t``, ``t2d``) and ``draft_vocab.json`` (sizes and metadata), each
+        written atomically (a temporary file moved into place)."""
         from safetensors.torch import save_file
 
+        from ..training.hub import atomic_write, atomic_write_text
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"d2t": self.d2t.contiguous(), "t2d": self.t2d.contiguous()}, str(folder / WEIGHTS_NAME))
+        tensors = {"d2t": self.d2t.contiguous(), "t2d": self.t2d.contiguous()}
+        atomic_write(folder / WEIGHTS_NAME, lambda temporary: save_file(tensors, temporary))
         config = {"draft_vocab_size": self.size, "target_vocab_size": self.target_vocab_size, "metadata": self.metadata}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "DraftVocabulary":

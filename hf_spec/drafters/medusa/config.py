@@ -29,6 +29,9 @@ class MedusaConfig:
         head_rank_accuracies: ``[k][r]``, measured probability that the target's token is head ``k``'s
             ``r``-th ranked token (from the held-out evaluation at the end of training).
         default_num_nodes: node budget of the derived tree.
+        draft_vocab_size: ``N`` when the heads score only a draft vocabulary of ``N`` target tokens (VocabTrim /
+            FR-Spec / EAGLE-3's d2t; saved beside ``config.json`` as ``draft_vocab.safetensors`` + ``.json``),
+            ``None`` when they score the whole vocabulary. Own projections then have ``N`` rows.
     """
 
     hidden_size: int
@@ -43,6 +46,7 @@ class MedusaConfig:
     rank_paths: list[list[int]] | None = None
     head_rank_accuracies: list[list[float]] | None = None
     default_num_nodes: int = 32
+    draft_vocab_size: int | None = None
     method: str = "medusa"
     format_version: int = FORMAT_VERSION
 
@@ -51,6 +55,10 @@ class MedusaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MedusaConfig.{name} must be a positive integer, got {value!r}.")
+        if self.draft_vocab_size is not None and (not isinstance(self.draft_vocab_size, int)
+                                                  or not 0 < self.draft_vocab_size <= self.vocab_size):
+            raise ValueError(f"MedusaConfig.draft_vocab_size must be None or an integer in [1, {self.vocab_size}], "
+                             f"got {self.draft_vocab_size!r}.")
         if self.medusa_version not in (1, 2):
             raise ValueError(f"MedusaConfig.medusa_version must be 1 or 2, got {self.medusa_version!r}.")
         if self.method != "medusa":
@@ -64,7 +72,12 @@ class MedusaConfig:
             validate_rank_accuracies(self.head_rank_accuracies, self.num_heads)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The ``config.json`` values; ``draft_vocab_size`` only when set, so heads without a draft vocabulary
+        keep the files (and stay loadable by) earlier hf_spec versions."""
+        values = asdict(self)
+        if values["draft_vocab_size"] is None:
+            del values["draft_vocab_size"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> MedusaConfig:

@@ -5,6 +5,14 @@ construction from each head's measured rank accuracies. The ``chain`` and ``dyna
 (``hf_spec.engine.dynamic_tree``) are available too. The engine verifies the tree (greedy, lossless
 rejection sampling, or any other rule it is asked for); Medusa itself never decides acceptance.
 
+Heads with a draft vocabulary (``MedusaHeads.draft_vocab``) score only its ``N`` tokens; their logits are put
+back in target-id space with ``-inf`` outside the subset before the target's logits processors, so every
+proposal is a target id and a sampled proposal's ``draft_probs`` are exactly zero outside the subset (unless a
+processor forces a token there, e.g. a forced EOS). Rejection sampling only needs ``q`` to be the distribution
+each draft was drawn from, so verification stays exact (the residual ``max(p - q, 0)`` still reaches every
+token). Static trees keep only nodes whose ranks exist among
+the ``N`` tokens.
+
 Medusa-1 trains the heads with the target frozen; Medusa-2 also trains LoRA adapters on the target
 (``hf_spec.training``), in which case generate with the target that has those adapters merged.
 """
@@ -71,7 +79,7 @@ class MedusaDrafter(Drafter):
         self.heads = heads.eval()
         self.proposal = proposal
         if shape == "static":
-            self.default_rank_tree = RankTree(self._static_paths(config, rank_paths, num_nodes))
+            self.default_rank_tree = self._fit(RankTree(self._static_paths(config, rank_paths, num_nodes)))
         else:
             self.default_rank_tree = RankTree(chain_paths(config.num_heads))
         # The TreeSpec of a dynamic tree (None: draft the static rank tree), by default and for this call.
@@ -121,7 +129,14 @@ class MedusaDrafter(Drafter):
         first = next(self.heads.parameters())
         if first.device != weight.device or first.dtype != weight.dtype:
             self.heads.to(device=weight.device, dtype=weight.dtype)
-        self.rank_tree, self.dynamic_spec = self._tree_for_call(tree_spec)
+        rank_tree, self.dynamic_spec = self._tree_for_call(tree_spec)
+        self.rank_tree = self._fit(rank_tree)
+
+    def _fit(self, rank_tree: RankTree) -> RankTree:
+        """``rank_tree`` without the nodes (and their subtrees) whose ranks the heads cannot fill: with a draft
+        vocabulary of ``N`` tokens, a head has no ``N``-th best token."""
+        vocabulary = self.heads.draft_vocab
+        return rank_tree if vocabulary is None else rank_tree.with_ranks_below(vocabulary.size)
 
     def _tree_for_call(self, tree_spec: TreeSpec | None) -> tuple[RankTree, TreeSpec | None]:
         if tree_spec is None:
@@ -146,7 +161,12 @@ class MedusaDrafter(Drafter):
         hidden = request.last_feature
         num_heads = skeleton.max_depth
         logits = torch.stack([self.heads.head_logits(k, hidden[None], self._lm_head)[0] for k in range(num_heads)])
-        scores = self.logits_processor(request.input_ids.expand(num_heads, -1), logits.float())
+        logits = self.heads.to_target_logits(logits.float())  # target ids; -inf outside a draft vocabulary
+        scores = self.logits_processor(request.input_ids.expand(num_heads, -1), logits)
+        if self.heads.draft_vocab is not None:
+            skeleton, scores = _heads_with_candidates(skeleton, scores)
+            if skeleton.max_depth == 0:
+                return DraftTree.empty(device)
         if self.dynamic_spec is not None:
             return self._dynamic_tree(torch.log_softmax(scores, dim=-1), device)
         if self.proposal == "sample" and self.do_sample:
@@ -209,6 +229,16 @@ class MedusaDrafter(Drafter):
             shape = f"nodes={len(self.default_rank_tree.paths)}"
         return (f"MedusaDrafter(heads={config.num_heads}, layers={config.num_layers}, {shape}, "
                 f"depth={self.default_rank_tree.max_depth}, proposal={self.proposal!r})")
+
+
+def _heads_with_candidates(skeleton: RankTree, scores: torch.Tensor) -> tuple[RankTree, torch.Tensor]:
+    """Cut the tree above the first head with no token left after the logits processors (possible when a processor
+    bans every token of a small draft vocabulary: its distribution would be undefined)."""
+    usable = torch.isfinite(scores).any(-1).long().cumprod(0)
+    depth = int(usable.sum())
+    if depth == scores.shape[0]:
+        return skeleton, scores
+    return skeleton.up_to_depth(depth), scores[:depth]
 
 
 def _check_shape(tree, rank_paths, num_nodes) -> str:

@@ -3,7 +3,9 @@
 ``SavedHeads`` gives a heads module ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` in the
 ``PreTrainedModel`` style, through ``hf_spec.training.hub`` (atomic writes, Hub resolution, safetensors only).
 A module using it sets ``config_class`` (with ``to_dict`` / ``from_dict``) and ``method_name``, and has
-``check_compatible(target)``.
+``check_compatible(target)``. Files that travel with the weights (e.g. a draft vocabulary) are written by
+``save_companion_files`` before ``config.json`` (which comes last, so a folder whose config is complete has
+them) and read back by ``from_config``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class SavedHeads:
         ``state_dict`` overrides the module's own tensors (e.g. parameters gathered under ZeRO-3).
         """
         tensors = state_dict if state_dict is not None else self.state_dict()
+        self.save_companion_files(Path(save_directory))
         return save_weights_and_config(save_directory, tensors, self.config.to_dict(),
                                        metadata={"format": "pt", "hf_spec_method": self.method_name})
 
@@ -44,7 +47,7 @@ class SavedHeads:
         """Load heads from a local folder or a Hub repo id; with ``target``, check and place them on it."""
         folder = resolve_pretrained(path_or_id, revision=revision, token=token, cache_dir=cache_dir,
                                     local_files_only=local_files_only)
-        heads = cls(cls.config_class.from_dict(load_config_dict(folder)))
+        heads = cls.from_config(cls.config_class.from_dict(load_config_dict(folder)), folder)
         heads.load_checked_state_dict(load_weights(folder), source=str(path_or_id))
         heads.source = folder
         if target is not None:
@@ -52,6 +55,14 @@ class SavedHeads:
             weight = target.get_output_embeddings().weight
             heads.to(device=weight.device, dtype=weight.dtype)
         return heads.eval()
+
+    def save_companion_files(self, directory: Path) -> None:
+        """Files saved beside the weights (none by default)."""
+
+    @classmethod
+    def from_config(cls, config, folder: Path):
+        """The (untrained) module ``config`` describes, with any companion files read from ``folder``."""
+        return cls(config)
 
     def load_checked_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         expected = self.state_dict()

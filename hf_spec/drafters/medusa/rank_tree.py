@@ -100,6 +100,12 @@ class RankTree:
     def up_to_depth(self, max_depth: int) -> RankTree:
         return RankTree([path for path in self.paths if len(path) <= max_depth])
 
+    def with_ranks_below(self, num_ranks: int) -> RankTree:
+        """The nodes whose every rank is below ``num_ranks`` (a subtree: a node's path extends its parent's)."""
+        if max(self.ranks, default=0) < num_ranks:
+            return self
+        return RankTree([path for path in self.paths if max(path) < num_ranks])
+
     @property
     def max_depth(self) -> int:
         return max(self.depths, default=0)
