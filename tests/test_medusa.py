@@ -36,10 +36,11 @@ def plain(model, prompt, max_new_tokens=MAX_NEW):
     return model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
 
 
-def fitted_heads(target, prompt, num_heads=3, steps=60):
-    """Heads that memorised the target's own greedy continuation of ``prompt`` (so drafts get accepted)."""
+def fitted_heads(target, prompt, num_heads=3, steps=60, draft_vocab=None):
+    """Heads that memorised the target's own greedy continuation of ``prompt`` (so drafts get accepted); with
+    ``draft_vocab``, heads scoring only that draft vocabulary (labels outside it are left out of the loss)."""
     sequence = plain(target, prompt, max_new_tokens=60)
-    heads = MedusaHeads.for_target(target, num_heads=num_heads)
+    heads = MedusaHeads.for_target(target, num_heads=num_heads, draft_vocab=draft_vocab)
     objective = MedusaObjective(target, heads, labels="hard")
     mask = torch.ones_like(sequence)
     optimizer = torch.optim.Adam(heads.parameters(), lr=0.03)

@@ -2,8 +2,9 @@
 
 ``evaluate_heads`` serves any method whose objective drafts one token per head and depth: it needs
 ``objective.heads.config.num_heads`` and ``objective.head_batches(input_ids, attention_mask, loss_mask,
-hidden, need_teacher=True)`` returning each head's positions, logits and reference tokens (``HeadBatch``
-of ``methods/medusa_objective.py``). Each head's prediction at position ``t`` is compared with the
+hidden, need_teacher=True)`` returning each head's positions and the rank of its reference token among the
+head's logits (``HeadBatch.reference_ranks`` of ``methods/medusa_objective.py``; with a draft vocabulary a
+reference token outside it ranks below every token the head can propose, so it counts as a miss). Each head's prediction at position ``t`` is compared with the
 target's greedy choice for the token it drafts (the argmax of the target's distribution on the data context), which is what greedy
 verification accepts. From the same pass:
 
@@ -83,8 +84,7 @@ def _position_ranks(model, batch, num_heads: int, device) -> torch.Tensor:
     for head in head_batches:
         if head.rows.numel() == 0:
             continue
-        chosen = head.logits.gather(-1, head.reference_tokens[:, None])
-        ranks[head.rows, head.positions, head.index] = (head.logits > chosen).sum(-1)
+        ranks[head.rows, head.positions, head.index] = head.reference_ranks()
     return ranks
 
 

@@ -33,6 +33,13 @@ def load_target(name_or_path: str, dtype: str = "float32", attn_implementation: 
     return model.eval(), tokenizer
 
 
+def load_tokenizer(name_or_path: str):
+    """The target's tokenizer alone (e.g. to find the data prepared for it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
 @contextmanager
 def unpartitioned():
     """Load and run whole models on this rank alone while a DeepSpeed ZeRO-3 launch is active.

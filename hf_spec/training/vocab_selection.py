@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,11 +37,12 @@ def count_assistant_tokens(prepared, split: str, vocab_size: int) -> torch.Tenso
 
 
 def select_draft_vocabulary(prepared, size: int, vocab_size: int, always_include=()) -> DraftVocabulary:
-    """The ``size`` most frequent target tokens of the prepared training split, with train and held-out coverage."""
+    """The ``size`` most frequent target tokens of the prepared training split, with train and held-out coverage.
+    The metadata names the prepared data by its fingerprinted folder name (never a local path: it is published)."""
     train = count_assistant_tokens(prepared, "train", vocab_size)
     heldout = count_assistant_tokens(prepared, "heldout", vocab_size)
     vocabulary = DraftVocabulary.from_token_counts(train, size, always_include=always_include,
-                                                   metadata={"selected_from": str(prepared.tokens_dir), "split": "train"})
+                                                   metadata={"selected_from": Path(prepared.tokens_dir).name, "split": "train"})
     vocabulary.metadata["coverage_of_heldout_tokens"] = round(vocabulary.coverage(heldout), 6)
     vocabulary.metadata["heldout_tokens"] = int(heldout.sum())
     return vocabulary

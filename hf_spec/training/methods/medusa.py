@@ -1,13 +1,19 @@
 """Medusa-1 / Medusa-2 training (Cai et al. 2024, "Medusa: Simple LLM Inference Acceleration Framework with
 Multiple Decoding Heads"), registered as ``method: medusa``.
 
-Recipe sections: ``medusa`` (version, heads, layers, shared ``lm_head``) and ``medusa2`` (LoRA on the target,
-loss weights and warm-up). The objective is ``MedusaObjective``; the held-out evaluation measures each
-head's rank accuracies (``hf_spec.training.evaluate``), which the exported ``config.json`` carries so the
+Recipe sections: ``medusa`` (version, heads, layers, shared ``lm_head``, draft vocabulary) and ``medusa2`` (LoRA
+on the target, loss weights and warm-up). The objective is ``MedusaObjective``; the held-out evaluation measures
+each head's rank accuracies (``hf_spec.training.evaluate``), which the exported ``config.json`` carries so the
 drafter builds the paper's accuracy-derived tree. Published files::
 
     config.json, model.safetensors   the heads: MedusaDrafter.from_pretrained(output_dir, target=model)
+    draft_vocab.safetensors, .json   with a draft vocabulary only: the N target tokens the heads score
     adapter/                         Medusa-2 only: the PEFT LoRA adapter of the target
+
+A draft vocabulary (VocabTrim, Goel et al. 2025; FR-Spec, Zhao et al. 2025; EAGLE-3's ``d2t``, Li et al. 2025)
+comes from ``medusa.draft_vocab``, a folder saved by ``python -m hf_spec.training.vocab_selection --config
+<recipe> --size N --out <folder>``, or from ``medusa.draft_vocab_size: N``, which selects the ``N`` most frequent
+assistant tokens of the recipe's prepared training split (plus the end-of-turn tokens) when training starts.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
+from ...drafters.draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
+from ...drafters.draft_vocab import DraftVocabulary
+from ...drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, target_head_shape
 from ..checkpoints import gathered_state_dict
+from ..config import ConfigError
 from ..evaluate import evaluate_heads
 from ..losses import warmup_factor
-from ..models import load_target
+from ..models import load_target, load_tokenizer
 from ..provenance import publish_adapter_base_model, published_model_name
 from . import MethodParts, TrainingMethod, register
 from .medusa_objective import MedusaObjective
@@ -36,6 +45,8 @@ class MedusaSection:
     num_heads: int = 4
     num_layers: int = 1
     share_lm_head: bool = True
+    draft_vocab: str | None = None  # folder of a saved DraftVocabulary (hf_spec.training.vocab_selection --out)
+    draft_vocab_size: int | None = None  # N: select the N most frequent tokens of the prepared training data
 
 
 @dataclass
@@ -69,6 +80,14 @@ class MedusaMethod(TrainingMethod):
             problems.append(f"medusa.version must be 1 or 2, got {config.medusa.version}")
         if config.medusa2.lm_loss not in ("kl_to_base", "ce"):
             problems.append(f"medusa2.lm_loss must be 'kl_to_base' or 'ce', got {config.medusa2.lm_loss!r}")
+        size = config.medusa.draft_vocab_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            problems.append(f"medusa.draft_vocab_size must be a positive integer or null, got {size!r}")
+        folder = config.medusa.draft_vocab
+        if folder and not (Path(folder) / VOCAB_WEIGHTS_NAME).is_file():
+            problems.append(f"medusa.draft_vocab: {folder} holds no {VOCAB_WEIGHTS_NAME}; make one with python -m "
+                            "hf_spec.training.vocab_selection --config <this recipe> --size N --out <folder>, or set "
+                            "medusa.draft_vocab_size: N instead")
         if config.data.cache_hidden_states and config.medusa.version == 2:
             problems.append("data.cache_hidden_states needs a frozen target: it is for Medusa-1 only (Medusa-2 "
                             "recomputes the hidden states of the backbone it trains)")
@@ -87,6 +106,7 @@ class MedusaMethod(TrainingMethod):
         version = config.medusa.version
         heads = MedusaHeads.for_target(target, num_heads=config.medusa.num_heads, num_layers=config.medusa.num_layers,
                                        share_lm_head=config.medusa.share_lm_head,
+                                       draft_vocab=draft_vocabulary(config, target),
                                        base_model=published_model_name(config.model.name_or_path),
                                        medusa_version=version, adapter=ADAPTER_DIR if version == 2 else None,
                                        default_num_nodes=config.eval.tree_num_nodes)
@@ -100,8 +120,18 @@ class MedusaMethod(TrainingMethod):
                            on_step=head_loss_warmup(config.medusa2.head_loss_warmup_steps) if version == 2 else None)
 
     def evaluate(self, accelerator, objective, heldout, config) -> dict:
-        return evaluate_heads(accelerator, objective, heldout, top_k=config.eval.top_k,
-                              num_ranks=config.eval.num_ranks, tree_num_nodes=config.eval.tree_num_nodes)
+        """Rank accuracies in target-id space (a reference token outside a draft vocabulary is a miss), plus
+        the draft vocabulary's size and how it was selected, when the heads have one."""
+        evaluation = evaluate_heads(accelerator, objective, heldout, top_k=config.eval.top_k,
+                                    num_ranks=config.eval.num_ranks, tree_num_nodes=config.eval.tree_num_nodes)
+        vocabulary = accelerator.unwrap_model(objective).heads.draft_vocab
+        if vocabulary is not None:
+            folder = config.medusa.draft_vocab
+            source = (f"selected with hf_spec.training.vocab_selection ({Path(folder).name})" if folder
+                      else "selected from the training data when training started")
+            evaluation["draft_vocab"] = {**vocabulary.metadata, "size": vocabulary.size,
+                                         "target_vocab_size": vocabulary.target_vocab_size, "source": source}
+        return evaluation
 
     # ------------------------------------------------------------------ export
     def export_state(self, accelerator, objective, config) -> dict:
@@ -112,10 +142,11 @@ class MedusaMethod(TrainingMethod):
         return states
 
     def save(self, output_dir: Path, objective, states: dict, config, evaluation: dict) -> None:
-        """Heads with their measured rank accuracies in ``config.json``; Medusa-2 also the LoRA adapter."""
+        """Heads with their measured rank accuracies in ``config.json`` (and their draft vocabulary, if any);
+        Medusa-2 also the LoRA adapter."""
         heads_config = MedusaConfig.from_dict({**objective.heads.config.to_dict(),
                                                "head_rank_accuracies": evaluation["rank_accuracies"]})
-        MedusaHeads(heads_config).save_pretrained(output_dir, state_dict=states["heads"])
+        MedusaHeads(heads_config, objective.heads.draft_vocab).save_pretrained(output_dir, state_dict=states["heads"])
         if "adapter" in states:
             adapter_dir = Path(output_dir) / ADAPTER_DIR
             objective.target.save_pretrained(adapter_dir, state_dict=states["adapter"])
@@ -137,10 +168,50 @@ class MedusaMethod(TrainingMethod):
 
     # ------------------------------------------------------------------ model card
     def card_values(self, config, summary: dict) -> dict:
-        return {"heads": summary["evaluation"]["heads"], "adapter_dir": ADAPTER_DIR}
+        evaluation = summary["evaluation"]
+        return {"heads": evaluation["heads"], "adapter_dir": ADAPTER_DIR, "draft_vocab": evaluation.get("draft_vocab")}
 
 
 # ---------------------------------------------------------------------------- pieces
+def draft_vocabulary(config, target) -> DraftVocabulary | None:
+    """The heads' draft vocabulary: loaded from ``medusa.draft_vocab``, or the ``medusa.draft_vocab_size`` most
+    frequent assistant tokens of the prepared training split (``vocab_selection.select_draft_vocabulary``, with the
+    end-of-turn tokens always in); ``None`` when neither is set."""
+    section = config.medusa
+    target_vocab = target_head_shape(target)[0]
+    if section.draft_vocab:
+        vocabulary = DraftVocabulary.load(section.draft_vocab)
+        if section.draft_vocab_size is not None and section.draft_vocab_size != vocabulary.size:
+            raise ConfigError(f"medusa.draft_vocab ({section.draft_vocab}) has {vocabulary.size} tokens but "
+                              f"medusa.draft_vocab_size is {section.draft_vocab_size}; set one of them.")
+        if vocabulary.target_vocab_size != target_vocab:
+            raise ConfigError(f"medusa.draft_vocab ({section.draft_vocab}) maps a {vocabulary.target_vocab_size}-token "
+                              f"vocabulary, but {config.model.name_or_path} has {target_vocab}; select it from this "
+                              "target's data (python -m hf_spec.training.vocab_selection).")
+        return vocabulary
+    if section.draft_vocab_size is None:
+        return None
+    return vocabulary_from_data(config, target, section.draft_vocab_size, target_vocab)
+
+
+def vocabulary_from_data(config, target, size: int, target_vocab: int) -> DraftVocabulary:
+    """The ``size`` most frequent tokens of the target's replies in the recipe's prepared data (built already:
+    the core prepares the data before it builds the method). Every rank selects the same tokens (counts and ties
+    are deterministic)."""
+    from ..prepare_data import load_prepared_data, needs_target
+    from ..self_distill import stop_token_ids
+    from ..vocab_selection import select_draft_vocabulary
+
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    prepared = load_prepared_data(config.data, tokenizer, target if needs_target(config.data) else None)
+    if size > target_vocab:
+        raise ConfigError(f"medusa.draft_vocab_size {size} exceeds the target's {target_vocab}-token vocabulary.")
+    vocabulary = select_draft_vocabulary(prepared, size, target_vocab, always_include=stop_token_ids(target, tokenizer))
+    logger.info("Draft vocabulary: %d of %d tokens, covering %.1f%% of the held-out assistant tokens.", vocabulary.size,
+                target_vocab, 100 * vocabulary.metadata["coverage_of_heldout_tokens"])
+    return vocabulary
+
+
 def add_lora(target, config):
     """Medusa-2: wrap the frozen target with trainable LoRA adapters (peft)."""
     from peft import LoraConfig, get_peft_model

@@ -15,6 +15,14 @@ be verified against.
 
 Only positions whose label is an assistant token are projected to the vocabulary, which is where
 nearly all of the cost is.
+
+Heads with a draft vocabulary ``S`` (``MedusaHeads.draft_vocab``; VocabTrim, FR-Spec, EAGLE-3's ``d2t``) score
+only its ``N`` tokens. Hard labels are mapped to draft ids and a position whose label is outside ``S`` is left
+out of the loss (no head could propose it); soft labels are the target's probabilities of the tokens in ``S``,
+not renormalised (``losses.soft_cross_entropy_on_subset`` says why). ``out_of_vocab_fraction`` logs what the
+loss leaves out: the share of label positions outside ``S`` (hard), or the mean target mass outside ``S``
+(soft). Top-1 agreement and the held-out evaluation compare target ids: a reference token outside ``S`` is a
+miss.
 """
 
 from __future__ import annotations
@@ -24,8 +32,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...drafters.draft_vocab import DraftVocabulary
 from ...drafters.medusa import MedusaHeads
-from ..losses import hard_cross_entropy, head_loss_weights, kl_divergence, soft_cross_entropy
+from ..losses import (
+    hard_cross_entropy,
+    head_loss_weights,
+    kl_divergence,
+    soft_cross_entropy,
+    soft_cross_entropy_on_subset,
+)
+
+OUT_OF_VOCAB_RANK = 1 << 40  # the rank of a reference token a head with a draft vocabulary cannot propose
 
 
 @dataclass
@@ -35,14 +52,32 @@ class HeadBatch:
     index: int
     rows: torch.Tensor  # (n,) batch row of each position
     positions: torch.Tensor  # (n,) position t (head k predicts token t + 2 + k)
-    logits: torch.Tensor  # (n, vocab)
+    logits: torch.Tensor  # (n, vocab), or (n, N) over the draft vocabulary (draft ids)
     teacher_logits: torch.Tensor | None  # (n, vocab): the target's distribution for the label, when available
-    labels: torch.Tensor  # (n,) data tokens x_{t+2+k}
+    labels: torch.Tensor  # (n,) data tokens x_{t+2+k} (target ids)
+    draft_vocab: DraftVocabulary | None = None  # the heads' draft vocabulary, if they score one
 
     @property
     def reference_tokens(self) -> torch.Tensor:
         """The target's greedy choice for the label when known (what greedy verification accepts), else the data token."""
         return self.teacher_logits.argmax(-1) if self.teacher_logits is not None else self.labels
+
+    def predicted_tokens(self) -> torch.Tensor:
+        """``(n,)`` the head's top-1 tokens, as target ids."""
+        top = self.logits.argmax(-1)
+        return top if self.draft_vocab is None else self.draft_vocab.to_target_ids(top)
+
+    def reference_ranks(self) -> torch.Tensor:
+        """``(n,)`` rank of each reference token among the head's logits (0: its top-1). A token outside the draft
+        vocabulary gets ``OUT_OF_VOCAB_RANK``, beyond every rank a head can fill: a miss at every top-k and in
+        every tree."""
+        reference = self.reference_tokens
+        if self.draft_vocab is not None:
+            reference = self.draft_vocab.to_draft_ids(reference)
+        inside = reference >= 0
+        chosen = self.logits.gather(-1, reference.clamp(min=0)[:, None])
+        ranks = (self.logits > chosen).sum(-1)
+        return torch.where(inside, ranks, torch.full_like(ranks, OUT_OF_VOCAB_RANK))
 
 
 class MedusaObjective(nn.Module):
@@ -130,30 +165,55 @@ class MedusaObjective(nn.Module):
             batches.append(HeadBatch(
                 index=k, rows=head_rows, positions=head_positions, logits=logits,
                 teacher_logits=None if teacher is None else teacher[teacher_rows],
-                labels=input_ids[head_rows, head_positions + 2 + k],
+                labels=input_ids[head_rows, head_positions + 2 + k], draft_vocab=self.heads.draft_vocab,
             ))
         return lm_loss, batches
 
     def forward(self, input_ids, attention_mask, loss_mask, hidden=None) -> dict[str, torch.Tensor]:
         lm_loss, batches = self.head_batches(input_ids, attention_mask, loss_mask, hidden)
         head_losses, head_top1 = [], []
+        left_out = positions = lm_loss.new_zeros((), dtype=torch.float32)
         for batch in batches:
             if batch.logits.shape[0] == 0:
                 head_losses.append(batch.logits.sum() * 0.0)
                 head_top1.append(batch.logits.new_zeros(()))
                 continue
-            if self.labels == "soft":
-                loss = soft_cross_entropy(batch.logits, batch.teacher_logits)
-            else:
-                loss = hard_cross_entropy(batch.logits, batch.labels)
+            loss, outside = self.head_loss(batch)
             head_losses.append(loss)
-            head_top1.append((batch.logits.argmax(-1) == batch.reference_tokens).float().mean().detach())
+            head_top1.append((batch.predicted_tokens() == batch.reference_tokens).float().mean().detach())
+            left_out = left_out + outside.sum()
+            positions = positions + outside.numel()
         head_total = sum(weight * loss for weight, loss in zip(self.weights, head_losses))
         loss = lm_loss + self.head_loss_weight * self.head_loss_scale * head_total
-        return {
+        outputs = {
             "loss": loss,
             "lm_loss": lm_loss.detach(),
             "head_losses": torch.stack([item.detach() for item in head_losses]),
             "head_top1": torch.stack(head_top1),
             "head_loss_scale": torch.tensor(float(self.head_loss_scale), device=loss.device),
         }
+        if self.heads.draft_vocab is not None:
+            outputs["out_of_vocab_fraction"] = (left_out / positions.clamp(min=1)).detach()
+        return outputs
+
+    def head_loss(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head's loss, and per position the part of its label the loss leaves out (all zeros without a draft
+        vocabulary; with one: 1 for a hard label outside it, the target's mass outside it for a soft label)."""
+        vocabulary = batch.draft_vocab
+        if vocabulary is None:
+            if self.labels == "soft":
+                loss = soft_cross_entropy(batch.logits, batch.teacher_logits)
+            else:
+                loss = hard_cross_entropy(batch.logits, batch.labels)
+            return loss, batch.logits.new_zeros(batch.logits.shape[0], dtype=torch.float32)
+        if self.labels == "soft":
+            keep = vocabulary.draft_to_target_on(batch.logits.device)
+            loss, kept_mass = soft_cross_entropy_on_subset(batch.logits, batch.teacher_logits, keep)
+            return loss, (1.0 - kept_mass).detach()
+        draft_labels = vocabulary.to_draft_ids(batch.labels)
+        inside = draft_labels >= 0
+        if not bool(inside.any()):  # keep the head in the graph (DDP needs a gradient for each)
+            loss = batch.logits.sum() * 0.0
+        else:
+            loss = hard_cross_entropy(batch.logits[inside], draft_labels[inside])
+        return loss, (~inside).float()
