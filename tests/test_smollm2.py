@@ -1,8 +1,9 @@
-"""The real SmolLM2-135M-Instruct: every drafter is token-identical to plain greedy generate()."""
+"""The real SmolLM2-135M-Instruct on two of the demo's prompts: the all-accepted extreme (the target drafting for
+itself), prompt lookup accepting on an input-grounded prompt, stop strings and sampling. Every drafter's greedy
+identity on 21 held-out chat prompts of 128 tokens is ``test_smollm2_heldout.py``."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from tests.identity import assert_greedy_identical
 
 pytestmark = pytest.mark.real_model
 MAX_NEW = 48
-TRAINED_MEDUSA = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
 
 
 def chat(tokenizer, text):
@@ -31,30 +31,17 @@ def setup(smollm2):
     return model, tokenizer, prompts, expected
 
 
-DRAFTERS = {
-    "lookup-chain": lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8),
-    "lookup-tree": lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8, max_candidates=4),
-    "early-exit-chain": lambda model: hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=4),
-    "early-exit-topk-tree": lambda model: hf_spec.DraftModelDrafter(early_exit_model(model, 8), num_tokens=4, top_k=3),
-    "self-draft-chain": lambda model: hf_spec.DraftModelDrafter(model, num_tokens=4),
-    "trained-medusa-tree": lambda model: hf_spec.MedusaDrafter.from_pretrained(TRAINED_MEDUSA, target=model),
-}
-
-
-@pytest.mark.parametrize("name", list(DRAFTERS))
-def test_greedy_identity_on_real_prompts(setup, name):
+def test_the_target_drafting_for_itself_is_always_accepted(setup):
+    """The all-accepted extreme on a real model: every draft accepted, up to a stop, output identical."""
     model, _, prompts, expected = setup
-    drafter = DRAFTERS[name](model)
+    drafter = hf_spec.DraftModelDrafter(model, num_tokens=4)
     outcomes = []
     observe = drafter.observe
     drafter.observe = lambda outcome: (outcomes.append(outcome), observe(outcome))
     for ids, reference in zip(prompts, expected):
         got = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
         assert_greedy_identical(model, reference, got)
-    if name == "self-draft-chain":  # the target drafting for itself: every draft accepted, up to a stop
-        assert all(o.num_accepted == o.tree.num_nodes for o in outcomes if o.next_token is not None)
-    if name == "trained-medusa-tree":
-        assert drafter.stats.accepted_tokens > 0  # the committed heads were trained for this target
+    assert all(o.num_accepted == o.tree.num_nodes for o in outcomes if o.next_token is not None)
 
 
 def test_input_grounded_prompt_accepts_lookup_drafts(setup):
