@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser(
         "demo", help="the best drafters vs plain generate() and transformers' prompt lookup on input-grounded "
-        "prompts, in about two minutes: `hf-spec bench --preset demo` (same flags)")
+        "prompts, in about three minutes: `hf-spec bench --preset demo` (same flags)")
     _add_bench_arguments(demo)
     bench = commands.add_parser(
         "bench", help="Spec-Bench-style benchmark: every method vs plain generate() per task group (JSON, Markdown, PNG)")

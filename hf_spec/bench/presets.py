@@ -2,7 +2,7 @@
 
 A preset is a set of ``BenchConfig`` fields applied over the defaults and under a YAML file and flags.
 
-``demo`` answers "does speculative decoding pay here?" in about two minutes on a 2-core CPU: the best
+``demo`` answers "does speculative decoding pay here?" in about three minutes on a 2-core CPU: the best
 drafters hf_spec has for the target against plain ``generate()`` and transformers' own prompt lookup,
 on prompts where drafting can pay. Spec-Bench (Xia et al. 2024) shows retrieval drafters winning on
 input-grounded tasks, so the demo asks for code editing, extraction and summarization over texts in
@@ -29,7 +29,7 @@ DEMO_LABELS = {
 DEMO = {
     "tasks": ["code_edit", "extraction", "summarization"],
     "limit": 1,
-    "max_new_tokens": 48,
+    "max_new_tokens": 32,
     "repeats": 3,
     "warmup": 1,
     "threads": min(2, os.cpu_count() or 1),
