@@ -193,7 +193,7 @@ def test_vocabulary_is_selected_from_the_assistant_tokens_of_prepared_data(tmp_p
     from hf_spec.training.models import load_target
     from hf_spec.training.prepare_data import prepare_data
     from hf_spec.training.vocab_selection import count_assistant_tokens, coverage_table, select_draft_vocabulary
-    from tests.test_prepare_data import sharegpt_file
+    from tests.helpers import sharegpt_file
 
     _, tokenizer = load_target("hf_spec:tiny-random-llama")
     config = DataSection(source=sharegpt_file(tmp_path, 10), num_conversations=10, max_length=160,

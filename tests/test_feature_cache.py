@@ -11,9 +11,13 @@ from hf_spec.training.data import PaddingCollator
 from hf_spec.training.data_config import DataSection
 from hf_spec.training.feature_cache import cache_features, compute_features
 from hf_spec.training.models import load_target
-from hf_spec.training.prepare_data import load_prepared_data, model_identity, prepare_data
+from hf_spec.training.prepare_data import (
+    load_prepared_data,
+    model_identity,
+    prepare_data,
+)
 from hf_spec.training.shards import ShardReader, ShardWriter, flatten_examples
-from tests.test_prepare_data import sharegpt_file
+from tests.helpers import sharegpt_file
 
 
 @pytest.fixture(scope="module")

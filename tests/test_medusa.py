@@ -22,34 +22,14 @@ from hf_spec.drafters.medusa import (
 from hf_spec.engine.dynamic_tree import TreeSpec
 from hf_spec.errors import UnsupportedError
 from hf_spec.training.hub import CheckpointError
-from hf_spec.training.medusa_objective import MedusaObjective
 from tests.conftest import tiny_model, tiny_prompt
+from tests.helpers import fitted_heads, plain
 
 MAX_NEW = 32
 COMMITTED_HEADS = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def plain(model, prompt, max_new_tokens=MAX_NEW):
-    return model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
-
-
-def fitted_heads(target, prompt, num_heads=3, steps=60, draft_vocab=None):
-    """Heads that memorised the target's own greedy continuation of ``prompt`` (so drafts get accepted); with
-    ``draft_vocab``, heads scoring only that draft vocabulary (labels outside it are left out of the loss)."""
-    sequence = plain(target, prompt, max_new_tokens=60)
-    heads = MedusaHeads.for_target(target, num_heads=num_heads, draft_vocab=draft_vocab)
-    objective = MedusaObjective(target, heads, labels="hard")
-    mask = torch.ones_like(sequence)
-    optimizer = torch.optim.Adam(heads.parameters(), lr=0.03)
-    target.requires_grad_(False)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        objective(sequence, mask, mask.bool())["loss"].backward()
-        optimizer.step()
-    return heads.eval()
 
 
 # ---------------------------------------------------------------------------------------------- config

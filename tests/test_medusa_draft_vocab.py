@@ -26,6 +26,8 @@ from hf_spec.training.evaluate import evaluate_heads
 from hf_spec.training.hub import CheckpointError
 from hf_spec.training.methods.medusa_objective import OUT_OF_VOCAB_RANK, MedusaObjective
 from tests.conftest import tiny_model, tiny_prompt
+from tests.helpers import MEDUSA_MAX_NEW as MAX_NEW
+from tests.helpers import fitted_heads, plain
 from tests.sampling_helpers import (
     AcceptedDepthSpy,
     exact_joint_distribution,
@@ -35,8 +37,15 @@ from tests.sampling_helpers import (
     sample_generations,
 )
 from tests.stats_helpers import chi_square_pvalue
-from tests.test_medusa import MAX_NEW, fitted_heads, plain
-from tests.test_medusa_sampling import NUM_HEADS, PROMPT, SAMPLES, SEED, TESTED_TOKENS, TREE, VOCAB
+from tests.test_medusa_sampling import (
+    NUM_HEADS,
+    PROMPT,
+    SAMPLES,
+    SEED,
+    TESTED_TOKENS,
+    TREE,
+    VOCAB,
+)
 from tests.test_medusa_sampling import fitted_heads as fitted_sampling_heads
 
 pytestmark = pytest.mark.usefixtures("single_thread")

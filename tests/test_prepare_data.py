@@ -11,53 +11,20 @@ import torch
 from hf_spec.training import prepare_data as prepare_module
 from hf_spec.training.data_config import DataSection
 from hf_spec.training.models import load_target
-from hf_spec.training.prepare_data import DataNotPreparedError, load_prepared_data, prepare_data
-from hf_spec.training.self_distill import DistillSettings, distill_conversations, generate_replies, stop_token_ids
+from hf_spec.training.prepare_data import (
+    DataNotPreparedError,
+    load_prepared_data,
+    prepare_data,
+)
+from hf_spec.training.self_distill import (
+    DistillSettings,
+    distill_conversations,
+    generate_replies,
+    stop_token_ids,
+)
+from tests.helpers import conversations, reply_spans, sharegpt_file, stopping_target
 
 BRIDGE = "\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n"
-
-
-def stopping_target(bias: float = 4.0):
-    """The tiny random target with a fixed bonus on its end-of-turn logit: sampled replies end after ~6
-    tokens on average (a random tiny model would otherwise almost never stop)."""
-    model, tokenizer = load_target("hf_spec:tiny-random-llama")
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    head.weight = old.weight
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[tokenizer.eos_token_id] = bias
-    model.lm_head = head
-    return model, tokenizer
-
-
-def conversations(count: int, turns: int = 2) -> list[tuple[str, list[dict]]]:
-    result = []
-    for index in range(count):
-        messages = [{"role": "user", "content": f"Question number {index}?"}, {"role": "assistant", "content": "A."}]
-        if turns == 2:
-            messages += [{"role": "user", "content": "More?"}, {"role": "assistant", "content": "B."}]
-        result.append((f"c{index}", messages))
-    return result
-
-
-def sharegpt_file(tmp_path, count: int) -> str:
-    entries = [{"id": cid, "conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
-                                             for m in messages]} for cid, messages in conversations(count)]
-    path = tmp_path / "sharegpt.json"
-    path.write_text(json.dumps(entries))
-    return str(path)
-
-
-def reply_spans(loss_mask: list[int]) -> list[tuple[int, int]]:
-    spans, start = [], None
-    for index, flag in enumerate(loss_mask + [0]):
-        if flag and start is None:
-            start = index
-        if not flag and start is not None:
-            spans.append((start, index))
-            start = None
-    return spans
 
 
 @pytest.fixture(scope="module")
