@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import hf_spec
+from hf_spec.bench.code_edits import CODE_EDITS
 from hf_spec.bench.render import chat_ids
 from hf_spec.drafters.early_exit import early_exit_model
 from hf_spec.models import load_model
@@ -32,19 +33,7 @@ RULES = ["rrs", "rrs_without_replacement", "spechub"]
 
 # The four prompts of the runs in the README (a code edit, a summary, an extraction, an open question).
 PROMPTS = [
-    "Add type hints and a docstring to this Python function, and return the full function:\n\n"
-    "def moving_average(values, window):\n"
-    "    if window <= 0:\n"
-    "        raise ValueError('window must be positive')\n"
-    "    result = []\n"
-    "    total = 0\n"
-    "    for index, value in enumerate(values):\n"
-    "        total += value\n"
-    "        if index >= window:\n"
-    "            total -= values[index - window]\n"
-    "        if index >= window - 1:\n"
-    "            result.append(total / window)\n"
-    "    return result\n",
+    CODE_EDITS[0]["request"].rstrip(".") + ":\n\n" + CODE_EDITS[0]["code"],
     "Summarize the following text in two sentences.\n\n"
     "The Rhine is one of the major European rivers. It begins in the Swiss canton of Graubunden in the "
     "southeastern Swiss Alps, forms part of the Swiss-Liechtenstein, Swiss-Austrian and Swiss-German "
