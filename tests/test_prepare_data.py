@@ -122,6 +122,18 @@ def test_a_turn_without_room_under_max_length_is_not_generated(stopping):
     assert all(len(reply_spans(example["loss_mask"])) == 1 for example in examples)
 
 
+def test_a_turn_with_a_prompt_over_max_prompt_tokens_is_not_generated(stopping):
+    model, tokenizer = stopping
+    settings = DistillSettings(max_length=200, max_new_tokens=8, temperatures=(0.0,), batch_size=8)
+    both_turns, _ = distill_conversations(model, tokenizer, conversations(6), settings)
+    assert all(len(reply_spans(example["loss_mask"])) == 2 for example in both_turns)
+    first_prompt = max(reply_spans(example["loss_mask"])[0][0] for example in both_turns)
+    bounded = DistillSettings(**{**settings.__dict__, "max_prompt_tokens": first_prompt})
+    first_only, _ = distill_conversations(model, tokenizer, conversations(6), bounded)
+    assert len(first_only) == len(both_turns)
+    assert all(len(reply_spans(example["loss_mask"])) == 1 for example in first_only)
+
+
 # ---------------------------------------------------------------------------------------------- prepare-data
 def distill_config(tmp_path, **overrides) -> DataSection:
     settings = dict(source=sharegpt_file(tmp_path, 6), num_conversations=6, max_length=160, heldout_fraction=0.3,

@@ -1,5 +1,6 @@
 """Held-out-style greedy identity: every drafter that applies to SmolLM2-135M-Instruct, on 21 real chat
-prompts that are not the demo's, up to 128 new tokens each, token for token against plain greedy generate().
+prompts that are not the demo's, token for token against plain greedy generate() (64 new tokens per prompt in
+CI, 128 in the full matrix).
 
 The prompts (written for this test; none is in ``hf_spec.demo.demo_prompts()``) mix input-grounded tasks
 (rewrite, reformat, fix this code: prompt lookup accepts there), open questions, code, arithmetic, a
@@ -15,12 +16,13 @@ Drafters: prompt lookup (chain and candidate tree), an 8-layer early exit of the
 heads (``artifacts/medusa-smollm2-135m-instruct``; static tree and dynamic tree). Each drafter must
 also have had drafts accepted on its prompts, so that the identity is not reached by rejecting everything.
 
-Runtime budget (CI: 2 cores, ~6 minutes for this file). One plain 128-token generation costs ~6 s
+Runtime budget (CI: 2 cores, ~3 minutes for this file). One plain 128-token generation costs ~6 s
 there; measured per prompt relative to it, prompt lookup costs ~1.5x, Medusa ~1.3x and the early exit
 ~3-4x (untrained, it is rejected almost always, and every draft step still runs). Every drafter on every
-prompt would take ~25 minutes, so in CI each drafter runs on its own three prompts (the ``DRAFTERS``
-table; lookups get input-grounded ones), which together cover all 21 prompts once: 21 plain references
-plus 21 speculative runs. ``HF_SPEC_HELDOUT_ALL_PROMPTS=1`` runs every drafter on every prompt.
+prompt at 128 tokens would take ~25 minutes, so in CI each drafter runs on its own three prompts (the
+``DRAFTERS`` table; lookups get input-grounded ones), which together cover all 21 prompts once, with 64 new
+tokens each: 21 plain references plus 21 speculative runs. ``HF_SPEC_HELDOUT_ALL_PROMPTS=1`` runs every
+drafter on every prompt with 128 new tokens.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from hf_spec.drafters.early_exit import early_exit_model
 from tests.identity import assert_greedy_identical
 
 pytestmark = pytest.mark.real_model
-MAX_NEW_TOKENS = 128
+FULL_MATRIX = os.environ.get("HF_SPEC_HELDOUT_ALL_PROMPTS") == "1"
+MAX_NEW_TOKENS = 128 if FULL_MATRIX else 64
 EARLY_EXIT_LAYERS = 8
 TRAINED_MEDUSA = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
 
@@ -103,12 +106,11 @@ DRAFTERS = {
     "medusa-static-tree": (medusa_drafter, {}, (2, 10, 19)),
     "medusa-dynamic-tree": (medusa_drafter, {"tree": "dynamic", "tree_budget": 12}, (5, 6, 14)),
 }
-FULL_MATRIX_ENV = "HF_SPEC_HELDOUT_ALL_PROMPTS"
 
 
 def prompts_for(name: str) -> tuple[int, ...]:
     """The CI share of the prompts, or all of them with ``HF_SPEC_HELDOUT_ALL_PROMPTS=1``."""
-    if os.environ.get(FULL_MATRIX_ENV) == "1":
+    if FULL_MATRIX:
         return tuple(range(len(HELDOUT_CONVERSATIONS)))
     return DRAFTERS[name][2]
 

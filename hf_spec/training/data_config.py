@@ -32,6 +32,9 @@ class DataSection:
     self_distillation_temperatures: list[float] = field(default_factory=list)
     self_distillation_batch_size: int = 16  # conversations per batched generate() call (left padded)
     self_distillation_min_new_tokens: int = 16  # a turn whose room left under max_length is smaller is not generated
+    # A turn whose prompt (history included) is longer is not generated: bounds the prefill, which on a CPU costs
+    # about as much per token as decoding (None: only max_length bounds it).
+    self_distillation_max_prompt_tokens: int | None = None
     # A reply cut by the length cap (no end-of-turn token): "drop" it (the conversation ends before it) or
     # "mask" it (kept as context with no loss; the conversation ends after it).
     self_distillation_cut_replies: str = "drop"

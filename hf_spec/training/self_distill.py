@@ -13,7 +13,8 @@ How it is done here:
   prompt, the generated reply ids (up to and including the end-of-turn token the target stopped on), then the
   template's text between that token and the next generation prompt. Nothing is decoded and re-tokenized, so
   the stored sequence is exactly what the target conditioned on.
-- **Length cap.** A turn whose room under ``max_length`` is below ``min_new_tokens`` is not generated; a
+- **Length cap.** A turn whose room under ``max_length`` is below ``min_new_tokens``, or whose prompt is longer
+  than ``max_prompt_tokens``, is not generated; a
   reply that hits its cap without an end-of-turn token is dropped (the conversation ends before it) or
   masked (kept as context with no loss; the conversation ends after it).
 - **Degenerate loops.** Small targets decoding greedily often fall into a loop (the same few tokens
@@ -47,6 +48,7 @@ class DistillSettings:
     temperatures: tuple[float, ...] = (0.0,)
     batch_size: int = 16
     min_new_tokens: int = 16
+    max_prompt_tokens: int | None = None
     cut_replies: str = "drop"
     seed: int = 0
     loop_window: int = 64  # 0: no loop detection
@@ -60,6 +62,7 @@ class DistillSettings:
         return cls(max_length=config.max_length, max_new_tokens=config.self_distillation_max_new_tokens,
                    temperatures=tuple(config.reply_temperatures()), batch_size=config.self_distillation_batch_size,
                    min_new_tokens=config.self_distillation_min_new_tokens,
+                   max_prompt_tokens=config.self_distillation_max_prompt_tokens,
                    cut_replies=config.self_distillation_cut_replies, seed=config.seed,
                    loop_window=config.self_distillation_loop_window,
                    loop_min_distinct=config.self_distillation_loop_min_distinct)
@@ -155,6 +158,8 @@ def _next_prompt(tokenizer, conversation: _Conversation, settings: DistillSettin
             return None
         prompt = conversation.input_ids + bridge
     if settings.max_length - len(prompt) < settings.min_new_tokens:
+        return None
+    if settings.max_prompt_tokens is not None and len(prompt) > settings.max_prompt_tokens:
         return None
     return turn, prompt
 
