@@ -405,3 +405,18 @@ def test_recipe_selects_the_vocabulary_from_its_data_and_exports_it(tmp_path, mo
             f"medusa.draft_vocab={tmp_path / 'vocab'}", "medusa.draft_vocab_size=8"]), target)
     with pytest.raises(ConfigError, match="holds no draft_vocab.safetensors"):
         load_config("configs/medusa/tiny-random.yaml", [f"medusa.draft_vocab={tmp_path / 'nowhere'}"])
+
+    # scripts/compare_medusa_heads.py scores checkpoints on the same held-out split with the recipe's evaluation
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_medusa_heads", "scripts/compare_medusa_heads.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    compare.main(["--data-config", "configs/medusa/tiny-random.yaml", "--set", f"data.cache_dir={tmp_path / 'data'}",
+                  "--set", "data.num_conversations=16", "--heads", str(output), "--tree-num-nodes",
+                  str(config.eval.tree_num_nodes), "--json", str(tmp_path / "compare.json")])
+    scored = json.loads((tmp_path / "compare.json").read_text())[0]
+    recipe = summary["evaluation"]
+    assert scored["draft_vocab_size"] == 40 and scored["positions"] == recipe["positions"] > 0
+    assert [head["top1"] for head in scored["heads"]] == pytest.approx([head["top1"] for head in recipe["heads"]])
+    assert scored["tau_chain"] == pytest.approx(recipe["tau_chain"])
