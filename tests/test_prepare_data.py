@@ -59,6 +59,10 @@ def test_degenerate_loops_stop_early_and_count_as_cut():
     unchecked = DistillSettings(loop_window=0)
     _, endings, computed = generate_replies(model, [prompt], [60], 0.0, stops, tokenizer.pad_token_id, unchecked)
     assert endings == ["cut"] and computed == 60
+    conversation = [("c0", [{"role": "user", "content": "Loop"}, {"role": "assistant", "content": "-"}])]
+    keep = DistillSettings(max_new_tokens=200, loop_window=24, loop_min_distinct=12, cut_replies="keep")
+    examples, stats = distill_conversations(model, tokenizer, conversation, keep)
+    assert stats.looping_replies == 1 and examples == []  # "keep" keeps replies cut by the cap, never loops
 
 
 def test_multi_turn_replies_are_stored_as_generated_ids(stopping):
@@ -94,24 +98,32 @@ def test_sampled_replies_are_reproducible(stopping):
     assert other_seed != first
 
 
-@pytest.mark.parametrize("policy", ["drop", "mask"])
-def test_replies_cut_by_the_length_cap_are_dropped_or_masked(stopping, policy):
+@pytest.mark.parametrize("policy", ["drop", "mask", "keep"])
+def test_replies_cut_by_the_length_cap_are_dropped_masked_or_kept(stopping, policy):
     model, tokenizer = stopping
     settings = DistillSettings(max_length=200, max_new_tokens=6, temperatures=(1.0,), batch_size=8, cut_replies=policy)
     examples, stats = distill_conversations(model, tokenizer, conversations(8), settings)
     assert stats.cut_replies > 0 and stats.replies > 0
     eos = tokenizer.eos_token_id
-    masked_tails = 0
+    cut_tails = 0
     for example in examples:
         ids, mask = example["input_ids"], example["loss_mask"]
-        last_reply_end = reply_spans(mask)[-1][1]
-        assert all(ids[end - 1] == eos for _, end in reply_spans(mask))
+        spans = reply_spans(mask)
+        ended = [ids[end - 1] == eos for _, end in spans]
+        if policy == "keep" and not ended[-1]:
+            cut_tails += 1  # the cut reply keeps its loss: 6 generated tokens, no end-of-turn, nothing after it
+            assert spans[-1][1] == len(ids) and spans[-1][1] - spans[-1][0] == 6 and eos not in ids[-6:]
+            ended = ended[:-1]
+        assert all(ended)
+        last_reply_end = spans[-1][1]
         if policy == "drop":
             assert last_reply_end == len(ids)
-        elif last_reply_end < len(ids):
-            masked_tails += 1  # the cut reply is context with no loss: up to 6 generated tokens, no end-of-turn
+        elif policy == "mask" and last_reply_end < len(ids):
+            cut_tails += 1  # the cut reply is context with no loss: up to 6 generated tokens, no end-of-turn
             assert eos not in ids[-6:] and not any(mask[last_reply_end:])
-    assert policy == "drop" or masked_tails > 0
+    assert (policy == "drop") == (cut_tails == 0)
+    if policy == "keep":
+        assert stats.assistant_tokens == sum(sum(example["loss_mask"]) for example in examples)
 
 
 def test_a_turn_without_room_under_max_length_is_not_generated(stopping):

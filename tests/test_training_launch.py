@@ -217,3 +217,17 @@ def test_truncate_metrics_keeps_steps_up_to_the_resumed_one(tmp_path):
     assert [json.loads(line)["step"] for line in path.open()] == [1, 2]
     truncate_metrics(path, 0)
     assert path.read_text() == ""
+
+
+def test_the_fingerprint_covers_the_contents_of_a_draft_vocabulary_not_only_its_path(tmp_path):
+    from hf_spec.drafters.draft_vocab import DraftVocabulary
+    from hf_spec.training.config import load_config
+    from hf_spec.training.recipe import weights_fingerprint
+
+    folder = tmp_path / "vocab"
+    DraftVocabulary(torch.arange(40), target_vocab_size=256).save(folder)
+    config = load_config("configs/medusa/tiny-random.yaml", [f"medusa.draft_vocab={folder}"])
+    before = weights_fingerprint(config)
+    DraftVocabulary(torch.arange(1, 41), target_vocab_size=256).save(folder)
+    after = weights_fingerprint(config)
+    assert {name for name in before if before[name] != after.get(name)} == {"files"}

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
-CUT_REPLY_POLICIES = ("drop", "mask")
+CUT_REPLY_POLICIES = ("drop", "mask", "keep")
 
 
 @dataclass
@@ -35,8 +35,9 @@ class DataSection:
     # A turn whose prompt (history included) is longer is not generated: bounds the prefill, which on a CPU costs
     # about as much per token as decoding (None: only max_length bounds it).
     self_distillation_max_prompt_tokens: int | None = None
-    # A reply cut by the length cap (no end-of-turn token): "drop" it (the conversation ends before it) or
-    # "mask" it (kept as context with no loss; the conversation ends after it).
+    # A reply cut by the length cap (no end-of-turn token): "drop" it (the conversation ends before it), "mask" it
+    # (kept as context with no loss; the conversation ends after it) or "keep" it (with its loss; the conversation
+    # ends after it). Degenerate loops are dropped under "keep" and handled like cut replies otherwise.
     self_distillation_cut_replies: str = "drop"
     self_distillation_chunk_conversations: int = 256  # conversations per resumable token shard
     # A reply whose last loop_window tokens hold fewer than loop_min_distinct distinct tokens is a degenerate loop:

@@ -302,8 +302,8 @@ def _token_progress_line(shards: list[dict], total: int, distill: bool) -> str:
         cut = sum(shard["distill_cut_replies"] for shard in shards)
         loops = sum(shard.get("distill_looping_replies", 0) for shard in shards)
         replies = sum(shard["distill_replies"] for shard in shards)
-        line += (f" ({generated / max(seconds, 1e-9):.1f} generated tokens/s, {replies} replies kept, "
-                 f"{cut} not kept: {cut - loops} cut by the length cap, {loops} degenerate loops)")
+        line += (f" ({generated / max(seconds, 1e-9):.1f} generated tokens/s, {assistant / max(seconds, 1e-9):.1f} kept; "
+                 f"{replies} replies with a loss; {cut - loops} cut by the length cap, {loops} degenerate loops)")
     return line
 
 

@@ -23,6 +23,7 @@ Output folder (``training.output_dir``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -120,10 +121,21 @@ def training_data(accelerator, config: RecipeConfig, target, tokenizer, build: b
 
 
 def weights_fingerprint(config: RecipeConfig) -> dict[str, str]:
-    """Hashes of the sections that shape the trained weights (model, data and the method's own): a checkpoint
-    resumes only under the same ones. ``data.cache_dir`` only says where the data is kept, so it is left out."""
+    """Hashes of the sections that shape the trained weights (model, data and the method's own, with the contents
+    of the files the method reads, e.g. a draft vocabulary): a checkpoint resumes only under the same ones.
+    ``data.cache_dir`` only says where the data is kept, so it is left out."""
     data = {name: value for name, value in asdict(config.data).items() if name != "cache_dir"}
-    return recipe_fingerprint({"model": config.model, "data": data, **config.method_sections()})
+    files = {str(path): file_digest(path) for path in get_method(config.method).input_files(config)}
+    return recipe_fingerprint({"model": config.model, "data": data, **config.method_sections(),
+                               **({"files": files} if files else {})})
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def target_loading(accelerator, config: RecipeConfig):

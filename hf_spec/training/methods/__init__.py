@@ -89,6 +89,11 @@ class TrainingMethod(ABC):
         objective's ``forward`` takes, as ``hidden`` (``"final"``) or ``hidden_<i>``; none by default."""
         return []
 
+    def input_files(self, config) -> list[Path]:
+        """Files named by the method's sections whose contents shape the trained weights (a resumed run checks
+        their hashes, not only their paths); none by default."""
+        return []
+
     def generation_details(self, drafter) -> dict:
         """Extra facts about the drafter used in the decoding check (e.g. its tree size)."""
         return {}

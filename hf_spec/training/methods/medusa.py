@@ -133,6 +133,10 @@ class MedusaMethod(TrainingMethod):
                                          "target_vocab_size": vocabulary.target_vocab_size, "source": source}
         return evaluation
 
+    def input_files(self, config) -> list[Path]:
+        folder = config.medusa.draft_vocab
+        return [Path(folder) / VOCAB_WEIGHTS_NAME] if folder else []
+
     # ------------------------------------------------------------------ export
     def export_state(self, accelerator, objective, config) -> dict:
         unwrapped = accelerator.unwrap_model(objective)
