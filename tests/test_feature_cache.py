@@ -131,3 +131,41 @@ def test_the_fingerprint_covers_target_layers_and_settings(tiny, tmp_path):
     batch = PaddingCollator(0)([train[i] for i in range(len(train))])
     assert batch["hidden"].shape[:2] == batch["input_ids"].shape and batch["hidden_1"].dtype == torch.float32
     assert not batch["hidden"][~batch["attention_mask"].bool()].any()
+
+
+def test_feature_shards_whose_token_data_changed_are_recomputed(tiny, tmp_path, monkeypatch):
+    """A larger self-distilled build regenerates its last partial chunk: the features of those examples must follow."""
+    model, _ = tiny
+    settings = dict(identity={"t": 1}, dtype="float32", shard_tokens=60, batch_tokens=64, log=lambda line: None)
+    lengths = [30, 50, 20, 90, 10, 40]
+    tokens = token_store(tmp_path / "tokens", lengths)
+    before = cache_features(model, tokens, tmp_path / "features", ["final"], **settings)
+    kept_shards = [shard for shard in before.manifest["shards"] if shard["examples"][1] <= 3]
+    assert 0 < len(kept_shards) < len(before.manifest["shards"])
+
+    generator = torch.Generator().manual_seed(7)
+    rows = [tokens.read(index, ["input_ids"])["input_ids"] for index in range(3)]
+    rows += [torch.randint(3, 200, (n,), generator=generator, dtype=torch.int32) for n in lengths[3:]]
+    writer = ShardWriter(tmp_path / "regrown", {"test": 1}, prefix="tokens")
+    writer.write(flatten_examples([{"input_ids": ids, "loss_mask": torch.ones(len(ids), dtype=torch.uint8)}
+                                   for ids in rows], ["input_ids", "loss_mask"]), {"ids": list("abcdef")}, {})
+    writer.finish({})
+    del writer
+    calls = []
+    original = cache_module.features_for_examples
+    monkeypatch.setattr(cache_module, "features_for_examples", lambda *a, **k: calls.append(1) or original(*a, **k))
+    after = cache_features(model, ShardReader(tmp_path / "regrown"), tmp_path / "features", ["final"], **settings)
+    assert len(calls) == len(after.manifest["shards"]) - len(kept_shards)
+    for index, ids in enumerate(rows):
+        live = compute_features(model, ids.long()[None], torch.ones(1, len(ids), dtype=torch.long), ("final",))
+        torch.testing.assert_close(after.read(index, ["hidden"])["hidden"], live["hidden"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_shard_folder_is_written_by_one_process_at_a_time(tmp_path):
+    from hf_spec.training.shards import ShardStoreError
+
+    first = ShardWriter(tmp_path / "data", {"test": 1}, prefix="tokens")
+    with pytest.raises(ShardStoreError, match="being written by another process"):
+        ShardWriter(tmp_path / "data", {"test": 1}, prefix="tokens")
+    del first
+    ShardWriter(tmp_path / "data", {"test": 1}, prefix="tokens")  # released with the first writer

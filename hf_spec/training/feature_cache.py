@@ -13,11 +13,14 @@ indices from the end) and ``"final"``, the last hidden state *after* the final n
 On disk (``shards.py``): shards of consecutive examples, each at most ``shard_tokens`` tokens (one longer
 example gets a shard alone), in ``float16`` / ``bfloat16`` / ``float32``; a manifest lists the finished
 shards, so an interrupted run resumes after the last one, and token data that has grown since (more
-conversations) gets the missing examples appended. Examples keep the order of the token data.
+conversations) gets the missing examples appended. Each feature shard records a digest of the token ids it
+was computed from: shards whose examples changed since (a partial last chunk of self-distilled data is
+regenerated when a larger build extends it) are recomputed. Examples keep the order of the token data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +99,11 @@ def cache_features(model, tokens: ShardReader, folder: str | Path, layers: list,
     resolved = resolve_layers(model, layers)
     writer = ShardWriter(folder, {**identity, "layers": [str(layer) for layer in resolved], "dtype": dtype,
                                   "shard_tokens": shard_tokens}, prefix="features")
+    stale = _first_stale_shard(writer.shards, tokens)
+    if stale < len(writer.shards):
+        log(f"[features] the token data changed from example {writer.shards[stale]['examples'][0]} on (a partial "
+            f"chunk regenerated): recomputing {len(writer.shards) - stale} feature shards")
+        writer.truncate(stale)
     start = writer.shards[-1]["examples"][1] if writer.shards else 0
     if start < len(tokens):  # new, interrupted, or the token data has grown since
         lengths = [int(tokens.read(index, ["input_ids"])["input_ids"].shape[0]) for index in range(len(tokens))]
@@ -111,13 +119,36 @@ def cache_features(model, tokens: ShardReader, folder: str | Path, layers: list,
             seconds = time.perf_counter() - began
             count = sum(lengths[first:last])
             writer.write(flatten_examples(features, names), {"layers": names},
-                         {"examples": [first, last], "tokens": count, "seconds": round(seconds, 3)})
+                         {"examples": [first, last], "tokens": count, "seconds": round(seconds, 3),
+                          "token_digest": _token_digest(examples)})
             done = sum(shard["tokens"] for shard in writer.shards)
             log(f"[features] shard {len(writer.shards)}: examples {first}-{last}, {count} tokens in {seconds:.1f} s "
                 f"({count / max(seconds, 1e-9):.0f} tokens/s); {done}/{sum(lengths)} tokens cached")
     if not writer.complete:
         writer.finish(_summary(writer, folder))
     return ShardReader(folder)
+
+
+def _token_digest(examples: list[torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) of the token ids of a run of examples: what a feature shard was computed from."""
+    digest = hashlib.sha256()
+    for ids in examples:
+        digest.update(ids.to(torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def _first_stale_shard(shards: list[dict], tokens: ShardReader) -> int:
+    """Index of the first feature shard whose examples no longer hold the token ids it was computed from (the
+    token data regrows its last partial chunk when more conversations are requested); ``len(shards)`` if none."""
+    for index, shard in enumerate(shards):
+        first, last = shard["examples"]
+        if last > len(tokens) or "token_digest" not in shard:
+            return index
+        examples = [tokens.read(example, ["input_ids"])["input_ids"] for example in range(first, last)]
+        if _token_digest(examples) != shard["token_digest"]:
+            return index
+    return len(shards)
 
 
 def _summary(writer: ShardWriter, folder) -> dict:

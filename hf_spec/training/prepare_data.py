@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from ..engine.features import resolve_layers
+from ..wheels import file_sha256
 from .chat_tokens import tokenize_conversation
 from .data_config import DataSection, as_data_section, data_section_problems
-from ..engine.features import resolve_layers
 from .feature_cache import cache_features, feature_key
 from .shards import ShardReader, ShardWriter, flatten_examples, read_manifest
 from .self_distill import DistillSettings, DistillStats, distill_conversations
@@ -57,12 +58,7 @@ def source_digest(source: str) -> str:
     """SHA-256 of the conversation file (the packaged ShareGPT file for ``"sharegpt"``)."""
     from .sharegpt import sharegpt_path
 
-    path = sharegpt_path() if source == "sharegpt" else Path(source)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(sharegpt_path() if source == "sharegpt" else Path(source))
 
 
 def tokenizer_identity(tokenizer) -> dict:

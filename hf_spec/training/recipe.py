@@ -23,7 +23,6 @@ Output folder (``training.output_dir``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -37,6 +36,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from ..wheels import file_sha256
 from .checkpoints import recipe_fingerprint, replicas_identical
 from .config import RecipeConfig
 from .data import PaddingCollator
@@ -125,17 +125,10 @@ def weights_fingerprint(config: RecipeConfig) -> dict[str, str]:
     of the files the method reads, e.g. a draft vocabulary): a checkpoint resumes only under the same ones.
     ``data.cache_dir`` only says where the data is kept, so it is left out."""
     data = {name: value for name, value in asdict(config.data).items() if name != "cache_dir"}
-    files = {str(path): file_digest(path) for path in get_method(config.method).input_files(config)}
+    files = {str(path): file_sha256(Path(path)) for path in get_method(config.method).input_files(config)}
     return recipe_fingerprint({"model": config.model, "data": data, **config.method_sections(),
                                **({"files": files} if files else {})})
 
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def target_loading(accelerator, config: RecipeConfig):

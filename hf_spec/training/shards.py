@@ -5,7 +5,9 @@ each shard holds the concatenated rows of a run of consecutive examples (a flat 
 field plus ``offsets``, the start of each example), so memory while writing is bounded by one shard, and a
 reader memory-maps one slice per example. A shard is written to a temporary file and renamed; the manifest
 (``manifest.json``) is rewritten atomically after each shard, so a killed run leaves only complete shards
-listed and the next run continues after the last one.
+listed and the next run continues after the last one. A writer holds an exclusive lock on the folder
+(``.lock``, ``fcntl.flock``) for as long as it exists, so a second build of the same data fails at once
+instead of overwriting the first one's shards.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
 class ShardStoreError(ValueError):
@@ -52,6 +55,7 @@ class ShardWriter:
                                   "cache_dir.")
         self.manifest = manifest or {"identity": canonical, "shards": [], "complete": False, "summary": {}}
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_folder(self.folder)
 
     @property
     def shards(self) -> list[dict]:
@@ -93,6 +97,22 @@ class ShardWriter:
         self.manifest["complete"] = True
         self.manifest["summary"] = summary
         atomic_write_json(self.folder / MANIFEST, self.manifest)
+
+
+def _lock_folder(folder: Path):
+    """An open file holding an exclusive lock on ``folder`` (released when it is closed or the process ends)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; concurrent builds are the user's responsibility
+        return None
+    handle = open(folder / LOCK, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ShardStoreError(f"{folder} is being written by another process (another prepare-data, or a one-process "
+                              "training run building its data); wait for it to finish.") from None
+    return handle
 
 
 def flatten_examples(examples: list[dict[str, torch.Tensor]], fields: list[str]) -> dict[str, torch.Tensor]:
