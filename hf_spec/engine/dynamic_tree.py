@@ -65,13 +65,14 @@ def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, devic
     scores: list[float] = []
     frontier, frontier_scores = [-1], torch.zeros(1)
     for _ in range(depth):
-        log_probs = expand(frontier, tokens, parents).float().cpu()
-        top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-        candidate_scores = frontier_scores[:, None] + top.values
+        log_probs = expand(frontier, tokens, parents)
+        top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)  # on the drafter's device: k values leave it
+        top_values, top_indices = top.values.float().cpu(), top.indices.cpu()
+        candidate_scores = frontier_scores[:, None] + top_values
         first_new = len(tokens)
         for row, parent in enumerate(frontier):
-            tokens += top.indices[row].tolist()
-            parents += [parent] * top.indices.shape[1]
+            tokens += top_indices[row].tolist()
+            parents += [parent] * top_indices.shape[1]
             scores += candidate_scores[row].tolist()
         layer = torch.tensor(scores[first_new:])
         best = layer.topk(min(top_k, layer.numel())).indices
