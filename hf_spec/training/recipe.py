@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ..wheels import file_sha256
 from .checkpoints import recipe_fingerprint, replicas_identical
-from .config import RecipeConfig
+from .config import ConfigError, RecipeConfig
 from .data import PaddingCollator
 from .evaluate import measure_generation
 from .hub import atomic_write_text, push_folder_to_hub, render_model_card
@@ -77,6 +77,11 @@ def run(config: RecipeConfig, expected_processes: int | None = None, prepare_dat
         return {"data": data_info}
     features = method.batch_features(config)
     train_dataset, heldout_dataset = (prepared_data.dataset(split, features) for split in ("train", "heldout"))
+    for split, dataset in (("training", train_dataset), ("held-out", heldout_dataset)):
+        if len(dataset) == 0:
+            raise ConfigError(f"The {split} split of the data is empty ({data_info['train']['examples']} training and "
+                              f"{data_info['heldout']['examples']} held-out examples): raise data.num_conversations, "
+                              "or set data.heldout_fraction so that both splits hold conversations.")
 
     parts = method.build(config, target)
     collator = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
