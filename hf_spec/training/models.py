@@ -10,7 +10,7 @@ import torch
 
 from ..models import MODEL_PREFIX as PREFIX  # noqa: F401  (used by provenance)
 from ..models import models_dir as models_cache  # noqa: F401  (used by tests)
-from ..models import resolve_model
+from ..models import load_model, resolve_model
 from ..tiny_model import tiny_tokenizer  # noqa: F401  (used by tests)
 
 
@@ -20,17 +20,12 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_target(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None):
-    """``(model, tokenizer)`` of the target, in train mode off (eval) and with ``use_cache`` off for training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model_path(name_or_path)
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    """``(model, tokenizer)`` of the target (``hf_spec.models.load_model``: eval mode), with ``use_cache`` off for
+    training; an offline model must be prepared already."""
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model, tokenizer = load_model(name_or_path, getattr(torch, dtype), prepare=False, **options)
     model.config.use_cache = False
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def load_tokenizer(name_or_path: str):
