@@ -119,11 +119,11 @@ def test_training_runs_and_resumes_exactly(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_medusa2_lora_path(mode, tmp_path):
+def test_medusa2_lora_path_with_a_draft_vocabulary(mode, tmp_path):
     output = tmp_path / "m2"
     summary = train(mode, output, tmp_path / "data", "medusa.version=2", "training.save_every_steps=null",
-                    "eval.generate_prompts=1", "eval.generate_max_new_tokens=8")
-    assert summary["method"] == "Medusa-2"
+                    "eval.generate_prompts=1", "eval.generate_max_new_tokens=8", "medusa.draft_vocab_size=40")
+    assert summary["method"] == "Medusa-2" and summary["evaluation"]["draft_vocab"]["size"] == 40
     assert summary["processes"] == MODES[mode] and summary["replicas_identical"]
     records = [json.loads(line) for line in (output / "metrics.jsonl").open()]
     assert [r["head_loss_scale"] for r in records[:3]] == [0.5, 1.0, 1.0]  # warm-up over 2 steps
