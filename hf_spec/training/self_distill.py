@@ -230,8 +230,9 @@ def generate_replies(model, prompts: list[list[int]], budgets: list[int], temper
     stops = torch.isin(generated, torch.tensor(stop_ids))
     replies, endings = [], []
     for row, budget in enumerate(budgets):
-        looped = loops.stopped_at.get(row, budget + 1) <= budget
-        limit = min(budget, loops.stopped_at.get(row, budget))
+        stopped = loops.stopped_at.get(row)
+        looped = stopped is not None and stopped <= budget
+        limit = stopped if looped else budget
         hits = stops[row, :limit].nonzero()
         if hits.numel():
             replies.append(generated[row, : int(hits[0]) + 1].tolist())
