@@ -6,6 +6,7 @@
 
 from .engine.drafter import DraftRequest, Drafter, StepOutcome
 from .drafters.draft_model import DraftModelDrafter
+from .drafters.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Drafter
 from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .engine.loop import allow_model_type, speculative_generate
@@ -21,6 +22,9 @@ __all__ = [
     "DraftRequest",
     "DraftTree",
     "Drafter",
+    "Eagle3Config",
+    "Eagle3Draft",
+    "Eagle3Drafter",
     "GenerationStats",
     "MedusaConfig",
     "MedusaDrafter",

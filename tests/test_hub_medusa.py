@@ -309,3 +309,44 @@ def test_published_names_are_hub_ids_never_cache_folders(tmp_path):
     assert "- base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in readme and "- lora" in readme
     publish_adapter_base_model(adapter, "hf_spec:tiny-random-llama")  # no Hub id: no base_model metadata at all
     assert "base_model" not in (adapter / "README.md").read_text()
+
+
+def test_eagle3_draft_pushes_and_loads_by_id_with_its_draft_vocabulary(tmp_path):
+    with LocalHub() as hub:
+        result = run_python("""
+import json, torch, hf_spec
+from hf_spec.drafters.draft_vocab import DraftVocabulary
+from tests.conftest import tiny_model, tiny_prompt
+target = tiny_model("qwen2")
+draft = hf_spec.Eagle3Draft.for_target(target, draft_vocab=DraftVocabulary(torch.arange(0, 96, 3), 96))
+with torch.no_grad():
+    for p in draft.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+draft.push_to_hub("tester/eagle3-tiny", model_card="---\\nlibrary_name: hf_spec\\n---\\n# card\\n")
+drafter = hf_spec.Eagle3Drafter.from_pretrained("tester/eagle3-tiny", target=target)
+prompt = tiny_prompt(0)
+got = target.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=drafter)
+same = torch.equal(got, target.generate(prompt, max_new_tokens=16, do_sample=False))
+loaded = all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), drafter.draft.state_dict().values()))
+print(json.dumps({"same": same, "loaded": loaded, "vocab": drafter.draft.draft_vocab.size}))
+""", hub_env(hub, tmp_path))
+        files = hub.repos["tester/eagle3-tiny"]
+    assert result == {"same": True, "loaded": True, "vocab": 32}
+    assert {"config.json", "model.safetensors", "draft_vocab.safetensors", "draft_vocab.json", "README.md"} <= set(files)
+
+
+def test_eagle3_model_card_renders_the_run():
+    config = load_config("configs/eagle3/smollm2-135m.yaml", ["hub.repo_id=me/smollm2-eagle3"])
+    steps = [{"step": j, "drafts_depth": j + 1, "top1": 0.6 / (j + 1)} for j in range(3)]
+    summary = {**synthetic_summary(), "method": "EAGLE-3",
+               "evaluation": {"positions": 161, "steps": steps, "step_top1": [s["top1"] for s in steps],
+                              "tau_chain": 1.9, "feature_layers": [2, 15, 27],
+                              "draft_vocab": {"size": 8192, "target_vocab_size": 49152,
+                                              "selected_from": "tokens-c56f4aebd735bbdb",
+                                              "coverage_of_heldout_tokens": 0.913}}}
+    card = model_card(config, summary)
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "- eagle3" in card
+    assert 'Eagle3Drafter.from_pretrained("me/smollm2-eagle3", target=model)' in card
+    assert "layers 2, 15, 27" in card and "| 1 | 2 | 0.300 |" in card and "tau = 1.900" in card
+    assert "8192 of the target's 49152" in card and "91.3%" in card and "tokens-c56f4aebd735bbdb" in card
+    assert "self-distillation" in card and "## Limitations" in card

@@ -36,12 +36,12 @@ def free_port() -> int:
 
 
 def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, recipe: str = TINY) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [ACCELERATE, "launch", "--main_process_port", str(free_port()), *accelerate_args,
-               "recipes/train.py", "--config", TINY]
+               "recipes/train.py", "--config", recipe]
     for override in overrides:
         command += ["--set", override]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -53,9 +53,9 @@ def launch(accelerate_args: list[str], overrides: list[str], env_extra: dict | N
     return result
 
 
-def prepare_data(data_cache: Path, *extra: str) -> None:
+def prepare_data(data_cache: Path, *extra: str, recipe: str = TINY) -> None:
     """The documented first step of a multi-process launch: build the data once, in one process."""
-    command = [sys.executable, "-m", "hf_spec.training.prepare_data", "--config", TINY, "--no-progress",
+    command = [sys.executable, "-m", "hf_spec.training.prepare_data", "--config", recipe, "--no-progress",
                "--set", f"data.cache_dir={data_cache}"]
     for override in extra:
         command += ["--set", override]
@@ -64,12 +64,12 @@ def prepare_data(data_cache: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def train(mode: str, output: Path, data_cache: Path, *extra: str) -> dict:
+def train(mode: str, output: Path, data_cache: Path, *extra: str, recipe: str = TINY) -> dict:
     if MODES[mode] > 1:
-        prepare_data(data_cache, *extra)
+        prepare_data(data_cache, *extra, recipe=recipe)
     launch(["--config_file", f"configs/accelerate/{mode}.yaml"],
            [f"training.output_dir={output}", f"data.cache_dir={data_cache}", "training.save_every_steps=4",
-            "training.keep_checkpoints=2", *extra])
+            "training.keep_checkpoints=2", *extra], recipe=recipe)
     return json.loads((output / "eval.json").read_text())
 
 
@@ -136,6 +136,30 @@ def test_medusa2_lora_path_with_a_draft_vocabulary(mode, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["medusa_version"] == 2 and config["adapter"] == "adapter"
     assert summary["generation"]["outputs_differing_from_plain"] == 0  # merged target + heads, exact greedy
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_eagle3_trains_in_every_launch_mode(mode, tmp_path):
+    """EAGLE-3 (configs/eagle3/tiny-random.yaml) on the same core: a second method, no change to the loop."""
+    output = tmp_path / "eagle3"
+    summary = train(mode, output, tmp_path / "data", "eagle3.draft_vocab_size=64", "training.save_every_steps=null",
+                    "eval.generate_prompts=1", "eval.generate_max_new_tokens=8",
+                    recipe="configs/eagle3/tiny-random.yaml")
+    assert summary["method"] == "EAGLE-3" and summary["processes"] == MODES[mode] and summary["replicas_identical"]
+    losses = step_losses(output)
+    assert sorted(losses) == list(range(1, 9))
+    assert sum(losses[s] for s in (7, 8)) < sum(losses[s] for s in (1, 2)), losses
+    evaluation = summary["evaluation"]
+    assert len(evaluation["step_top1"]) == 3 and evaluation["draft_vocab"]["size"] == 64
+    assert evaluation["positions"] == summary["data"]["heldout"]["assistant_tokens"]  # each counted once
+    assert summary["generation"]["outputs_differing_from_plain"] == 0
+
+    from hf_spec.drafters.eagle3 import Eagle3Draft
+
+    draft = Eagle3Draft.from_pretrained(output)
+    assert draft.config.step_top1 == evaluation["step_top1"] and draft.draft_vocab.size == 64
+    card = (output / "README.md").read_text()
+    assert "EAGLE-3 draft layer for `hf_spec:tiny-random-llama`" in card and "| 2 | 3 |" in card
 
 
 def test_a_multi_process_launch_reads_prepared_data_and_never_builds_it(tmp_path):

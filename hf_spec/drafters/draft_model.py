@@ -11,12 +11,12 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.cache import full_history_cache
-from ..engine.dynamic_tree import TreeSpec, grow_dynamic_tree
+from ..engine.dynamic_tree import TreeSpec, grow_dynamic_tree, node_path
 from ..engine.siblings import draw_siblings
 from ..engine.target import forward_with_mask
 from ..engine.tree import DraftTree
 from ..errors import UnsupportedError
-from .base import DraftRequest, Drafter, StepOutcome
+from .base import Drafter, DraftRequest, StepOutcome
 
 
 class DraftModelDrafter(Drafter):
@@ -152,7 +152,7 @@ class DraftModelDrafter(Drafter):
                 logits = root_logits[None]
             else:
                 logits = self._run_draft_on_nodes(frontier, tokens, parents, cache_row, committed)
-            paths = [_path(node, tokens, parents) for node in frontier]
+            paths = [node_path(node, tokens, parents) for node in frontier]
             sequences = torch.cat([input_ids.expand(len(frontier), -1), input_ids.new_tensor(paths)], dim=1)
             return torch.log_softmax(self.logits_processor(sequences, logits.float()), dim=-1)
 
@@ -221,10 +221,3 @@ class DraftModelDrafter(Drafter):
 
 _DEFAULT_TOP_K = {"chain": 1, "static": 2, "dynamic": 4}
 
-
-def _path(node: int, tokens: list[int], parents: list[int]) -> list[int]:
-    path = []
-    while node >= 0:
-        path.append(tokens[node])
-        node = parents[node]
-    return path[::-1]

@@ -81,6 +81,15 @@ def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, devic
     return _keep_best(tokens, parents, scores, budget, device)
 
 
+def node_path(node: int, tokens: list[int], parents: list[int]) -> list[int]:
+    """The draft tokens from the root (exclusive) down to ``node`` (inclusive) of a tree being grown."""
+    path = []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return path[::-1]
+
+
 def _keep_best(tokens: list[int], parents: list[int], scores: list[float], budget: int, device) -> DraftTree:
     """The ``budget`` highest-scoring nodes; a parent never scores below its child, so ties go to the parent."""
     order = sorted(range(len(tokens)), key=lambda node: (-scores[node], node))[:budget]

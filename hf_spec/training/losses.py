@@ -59,3 +59,9 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, step / warmup_steps)
+
+
+def soft_cross_entropy_to_probs(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_v teacher_probs_v * log_softmax(student)_v`` (float32), for teacher probabilities
+    computed once and reused (e.g. by several drafting steps that predict the same position)."""
+    return -(teacher_probs.float() * torch.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from ..drafters.draft_vocab import DraftVocabulary
+
+logger = logging.getLogger(__name__)
 
 
 def count_assistant_tokens(prepared, split: str, vocab_size: int) -> torch.Tensor:
@@ -41,8 +44,8 @@ def select_draft_vocabulary(prepared, size: int, vocab_size: int, always_include
     The metadata names the prepared data by its fingerprinted folder name (never a local path: it is published)."""
     train = count_assistant_tokens(prepared, "train", vocab_size)
     heldout = count_assistant_tokens(prepared, "heldout", vocab_size)
-    vocabulary = DraftVocabulary.from_token_counts(train, size, always_include=always_include,
-                                                   metadata={"selected_from": Path(prepared.tokens_dir).name, "split": "train"})
+    metadata = {"selected_from": Path(prepared.tokens_dir).name, "split": "train"}
+    vocabulary = DraftVocabulary.from_token_counts(train, size, always_include=always_include, metadata=metadata)
     vocabulary.metadata["coverage_of_heldout_tokens"] = round(vocabulary.coverage(heldout), 6)
     vocabulary.metadata["heldout_tokens"] = int(heldout.sum())
     return vocabulary
@@ -59,6 +62,45 @@ def coverage_table(prepared, sizes: list[int], vocab_size: int) -> list[dict]:
                      "train_coverage": round(vocabulary.coverage(train), 4),
                      "heldout_coverage": round(vocabulary.coverage(heldout), 4)})
     return rows
+
+
+def recipe_draft_vocabulary(config, target, section_name: str) -> DraftVocabulary | None:
+    """A method's draft vocabulary from its recipe section ``section_name``: loaded from ``<section>.draft_vocab`` (a
+    folder saved by ``--out``), or the ``<section>.draft_vocab_size`` most frequent assistant tokens of the recipe's
+    prepared training split (with the end-of-turn tokens always in; the core prepares the data before it builds the
+    method, and every rank selects the same tokens); ``None`` when neither is set."""
+    from ..drafters.medusa.heads import target_head_shape
+    from .config import ConfigError
+
+    section = getattr(config, section_name)
+    target_vocab = target_head_shape(target)[0]  # (under ZeRO-3 the weight itself is a placeholder)
+    if section.draft_vocab:
+        vocabulary = DraftVocabulary.load(section.draft_vocab)
+        if section.draft_vocab_size is not None and section.draft_vocab_size != vocabulary.size:
+            raise ConfigError(f"{section_name}.draft_vocab ({section.draft_vocab}) has {vocabulary.size} tokens but "
+                              f"{section_name}.draft_vocab_size is {section.draft_vocab_size}; set one of them.")
+        if vocabulary.target_vocab_size != target_vocab:
+            raise ConfigError(f"{section_name}.draft_vocab ({section.draft_vocab}) maps a "
+                              f"{vocabulary.target_vocab_size}-token vocabulary, but {config.model.name_or_path} has "
+                              f"{target_vocab}; select it from this target's data (python -m "
+                              "hf_spec.training.vocab_selection).")
+        return vocabulary
+    if section.draft_vocab_size is None:
+        return None
+    if section.draft_vocab_size > target_vocab:
+        raise ConfigError(f"{section_name}.draft_vocab_size {section.draft_vocab_size} exceeds the target's "
+                          f"{target_vocab}-token vocabulary.")
+    from .models import load_tokenizer
+    from .prepare_data import load_prepared_data, needs_target
+    from .self_distill import stop_token_ids
+
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    prepared = load_prepared_data(config.data, tokenizer, target if needs_target(config.data) else None)
+    vocabulary = select_draft_vocabulary(prepared, section.draft_vocab_size, target_vocab,
+                                         always_include=stop_token_ids(target, tokenizer))
+    logger.info("Draft vocabulary: %d of %d tokens, covering %.1f%% of the held-out assistant tokens.", vocabulary.size,
+                target_vocab, 100 * vocabulary.metadata["coverage_of_heldout_tokens"])
+    return vocabulary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 - ``config.py``: ``MedusaConfig``, what a checkpoint is;
 - ``heads.py``: the heads (``MedusaHeads``: residual blocks + vocabulary projection);
-- ``persistence.py``: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (safetensors + JSON only);
+- ``../persistence.py`` (shared with EAGLE-3): ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``;
 - ``rank_tree.py``: static trees of rank paths and the paper's expected-length maths;
 - ``drafter.py``: ``MedusaDrafter``, inference (proposes trees for the engine to verify).
 

@@ -30,7 +30,7 @@ from ..draft_vocab import CONFIG_NAME as VOCAB_CONFIG_NAME
 from ..draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
 from ..draft_vocab import DraftVocabulary
 from .config import MedusaConfig
-from .persistence import SavedHeads
+from ..persistence import SavedHeads
 
 logger = logging.getLogger(__name__)
 

@@ -18,23 +18,21 @@ assistant tokens of the recipe's prepared training split (plus the end-of-turn t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...drafters.draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
 from ...drafters.draft_vocab import DraftVocabulary
-from ...drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, target_head_shape
+from ...drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
 from ..checkpoints import gathered_state_dict
-from ..config import ConfigError
 from ..evaluate import evaluate_heads
 from ..losses import warmup_factor
-from ..models import load_target, load_tokenizer
+from ..models import load_target
 from ..provenance import publish_adapter_base_model, published_model_name
+from ..vocab_selection import recipe_draft_vocabulary
 from . import MethodParts, TrainingMethod, register
 from .medusa_objective import MedusaObjective
 
-logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 
@@ -178,42 +176,8 @@ class MedusaMethod(TrainingMethod):
 
 # ---------------------------------------------------------------------------- pieces
 def draft_vocabulary(config, target) -> DraftVocabulary | None:
-    """The heads' draft vocabulary: loaded from ``medusa.draft_vocab``, or the ``medusa.draft_vocab_size`` most
-    frequent assistant tokens of the prepared training split (``vocab_selection.select_draft_vocabulary``, with the
-    end-of-turn tokens always in); ``None`` when neither is set."""
-    section = config.medusa
-    target_vocab = target_head_shape(target)[0]
-    if section.draft_vocab:
-        vocabulary = DraftVocabulary.load(section.draft_vocab)
-        if section.draft_vocab_size is not None and section.draft_vocab_size != vocabulary.size:
-            raise ConfigError(f"medusa.draft_vocab ({section.draft_vocab}) has {vocabulary.size} tokens but "
-                              f"medusa.draft_vocab_size is {section.draft_vocab_size}; set one of them.")
-        if vocabulary.target_vocab_size != target_vocab:
-            raise ConfigError(f"medusa.draft_vocab ({section.draft_vocab}) maps a {vocabulary.target_vocab_size}-token "
-                              f"vocabulary, but {config.model.name_or_path} has {target_vocab}; select it from this "
-                              "target's data (python -m hf_spec.training.vocab_selection).")
-        return vocabulary
-    if section.draft_vocab_size is None:
-        return None
-    return vocabulary_from_data(config, target, section.draft_vocab_size, target_vocab)
-
-
-def vocabulary_from_data(config, target, size: int, target_vocab: int) -> DraftVocabulary:
-    """The ``size`` most frequent tokens of the target's replies in the recipe's prepared data (built already:
-    the core prepares the data before it builds the method). Every rank selects the same tokens (counts and ties
-    are deterministic)."""
-    from ..prepare_data import load_prepared_data, needs_target
-    from ..self_distill import stop_token_ids
-    from ..vocab_selection import select_draft_vocabulary
-
-    tokenizer = load_tokenizer(config.model.name_or_path)
-    prepared = load_prepared_data(config.data, tokenizer, target if needs_target(config.data) else None)
-    if size > target_vocab:
-        raise ConfigError(f"medusa.draft_vocab_size {size} exceeds the target's {target_vocab}-token vocabulary.")
-    vocabulary = select_draft_vocabulary(prepared, size, target_vocab, always_include=stop_token_ids(target, tokenizer))
-    logger.info("Draft vocabulary: %d of %d tokens, covering %.1f%% of the held-out assistant tokens.", vocabulary.size,
-                target_vocab, 100 * vocabulary.metadata["coverage_of_heldout_tokens"])
-    return vocabulary
+    """The heads' draft vocabulary from ``medusa.draft_vocab`` / ``medusa.draft_vocab_size`` (``None`` if neither)."""
+    return recipe_draft_vocabulary(config, target, "medusa")
 
 
 def add_lora(target, config):

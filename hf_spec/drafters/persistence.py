@@ -1,4 +1,5 @@
-"""Medusa heads on disk and on the Hub: ``config.json`` + ``model.safetensors`` (+ ``README.md``), nothing pickled.
+"""Trained drafters (Medusa heads, EAGLE-3 layers) on disk and on the Hub: ``config.json`` +
+``model.safetensors`` (+ ``README.md``), nothing pickled.
 
 ``SavedHeads`` gives a heads module ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` in the
 ``PreTrainedModel`` style, through ``hf_spec.training.hub`` (atomic writes, Hub resolution, safetensors only).
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...training.hub import (
+from ..training.hub import (
     CheckpointError,
     load_config_dict,
     load_weights,
