@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[test,train,bench]"
+	# speculators (tests/test_eagle3_speculators.py) without its declared deps, which pull CUDA torchaudio/torchvision
+	$(PY) -m pip install --quiet --no-deps speculators==0.9.0 openai==3.60.0 loguru==0.7.3 sniffio==1.3.1 hs-connectors==0.9.0
 	touch $@
 
 setup: $(VENV)/.installed

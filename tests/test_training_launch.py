@@ -160,6 +160,8 @@ def test_eagle3_trains_in_every_launch_mode(mode, tmp_path):
     assert draft.config.step_top1 == evaluation["step_top1"] and draft.draft_vocab.size == 64
     card = (output / "README.md").read_text()
     assert "EAGLE-3 draft layer for `hf_spec:tiny-random-llama`" in card and "| 2 | 3 |" in card
+    exported = json.loads((output / "speculators" / "config.json").read_text())
+    assert exported["speculators_model_type"] == "eagle3" and exported["draft_vocab_size"] == 64
 
 
 def test_a_multi_process_launch_reads_prepared_data_and_never_builds_it(tmp_path):

@@ -8,6 +8,8 @@ distributions), and are computed on the fly otherwise. The objective is ``Eagle3
 
     config.json, model.safetensors   the draft layer: Eagle3Drafter.from_pretrained(output_dir, target=model)
     draft_vocab.safetensors, .json   with a draft vocabulary: the N target tokens the draft scores
+    speculators/                     the same draft in the speculators format vLLM serves (speculators_format.py;
+                                     not written for a soft-capped target, which that format cannot express)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from ...drafters.draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
 from ...drafters.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Drafter
+from ...drafters.eagle3.speculators_format import export_speculators
 from ...engine.features import FINAL
 from ..checkpoints import gathered_state_dict
 from ..models import load_target
@@ -28,6 +31,7 @@ from . import MethodParts, TrainingMethod, register
 from .eagle3_objective import Eagle3Objective
 
 UNLABELLED = -1
+SPECULATORS_DIR = "speculators"
 
 
 @dataclass
@@ -107,7 +111,16 @@ class Eagle3Method(TrainingMethod):
         """The draft layer with its measured per-step top-1 in ``config.json`` (and its draft vocabulary)."""
         draft = objective.draft
         draft_config = Eagle3Config.from_dict({**draft.config.to_dict(), "step_top1": evaluation["step_top1"]})
-        Eagle3Draft(draft_config, draft.draft_vocab).save_pretrained(output_dir, state_dict=states["draft"])
+        saved = Eagle3Draft(draft_config, draft.draft_vocab)
+        saved.save_pretrained(output_dir, state_dict=states["draft"])
+        if draft_config.logit_softcapping is None:
+            saved.load_state_dict(states["draft"])
+            text = objective.target.config.get_text_config()
+            export_speculators(saved, Path(output_dir) / SPECULATORS_DIR,
+                               verifier_name_or_path=published_model_name(config.model.name_or_path),
+                               verifier_architectures=list(getattr(objective.target.config, "architectures", None)
+                                                           or [type(objective.target).__name__]),
+                               max_position_embeddings=getattr(text, "max_position_embeddings", None))
 
     # ------------------------------------------------------------------ inference
     def load_drafter(self, config, output_dir: Path):
