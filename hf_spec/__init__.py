@@ -6,6 +6,7 @@
 
 from .engine.drafter import DraftRequest, Drafter, StepOutcome
 from .drafters.draft_model import DraftModelDrafter
+from .drafters.clover import CloverConfig, CloverDrafter, CloverHeads
 from .drafters.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Drafter
 from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
 from .drafters.prompt_lookup import PromptLookupDrafter
@@ -22,6 +23,9 @@ __all__ = [
     "DraftRequest",
     "DraftTree",
     "Drafter",
+    "CloverConfig",
+    "CloverDrafter",
+    "CloverHeads",
     "Eagle3Config",
     "Eagle3Draft",
     "Eagle3Drafter",

@@ -311,26 +311,28 @@ def test_published_names_are_hub_ids_never_cache_folders(tmp_path):
     assert "base_model" not in (adapter / "README.md").read_text()
 
 
-def test_eagle3_draft_pushes_and_loads_by_id_with_its_draft_vocabulary(tmp_path):
+@pytest.mark.parametrize("module, drafter", [("Eagle3Draft", "Eagle3Drafter"), ("CloverHeads", "CloverDrafter")])
+def test_autoregressive_drafters_push_and_load_by_id_with_their_draft_vocabulary(tmp_path, module, drafter):
     with LocalHub() as hub:
-        result = run_python("""
+        result = run_python(f"""
 import json, torch, hf_spec
 from hf_spec.drafters.draft_vocab import DraftVocabulary
 from tests.conftest import tiny_model, tiny_prompt
 target = tiny_model("qwen2")
-draft = hf_spec.Eagle3Draft.for_target(target, draft_vocab=DraftVocabulary(torch.arange(0, 96, 3), 96))
+draft = hf_spec.{module}.for_target(target, draft_vocab=DraftVocabulary(torch.arange(0, 96, 3), 96))
 with torch.no_grad():
     for p in draft.parameters():
         p.add_(torch.randn_like(p) * 0.1)
-draft.push_to_hub("tester/eagle3-tiny", model_card="---\\nlibrary_name: hf_spec\\n---\\n# card\\n")
-drafter = hf_spec.Eagle3Drafter.from_pretrained("tester/eagle3-tiny", target=target)
+draft.push_to_hub("tester/tiny-{module}", model_card="---\\nlibrary_name: hf_spec\\n---\\n# card\\n")
+drafter = hf_spec.{drafter}.from_pretrained("tester/tiny-{module}", target=target)
+loaded_module = getattr(drafter, "draft", None) or drafter.heads
 prompt = tiny_prompt(0)
 got = target.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=drafter)
 same = torch.equal(got, target.generate(prompt, max_new_tokens=16, do_sample=False))
-loaded = all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), drafter.draft.state_dict().values()))
-print(json.dumps({"same": same, "loaded": loaded, "vocab": drafter.draft.draft_vocab.size}))
+loaded = all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), loaded_module.state_dict().values()))
+print(json.dumps({{"same": same, "loaded": loaded, "vocab": loaded_module.draft_vocab.size}}))
 """, hub_env(hub, tmp_path))
-        files = hub.repos["tester/eagle3-tiny"]
+        files = hub.repos[f"tester/tiny-{module}"]
     assert result == {"same": True, "loaded": True, "vocab": 32}
     assert {"config.json", "model.safetensors", "draft_vocab.safetensors", "draft_vocab.json", "README.md"} <= set(files)
 

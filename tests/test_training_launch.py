@@ -1,5 +1,5 @@
-"""recipes/train.py (the training core, here with the Medusa method) under every launch it supports, on the
-tiny random Llama (CPU, gloo).
+"""recipes/train.py (the training core, with the Medusa, EAGLE-3 and Clover-2 methods) under every launch it
+supports, on the tiny random Llama (CPU, gloo).
 
 Each mode trains 8 steps with a checkpoint at step 4, then a second launch resumes from that
 checkpoint: the loss must be finite and decreasing, every rank must hold identical weights, and the
@@ -138,14 +138,21 @@ def test_medusa2_lora_path_with_a_draft_vocabulary(mode, tmp_path):
     assert summary["generation"]["outputs_differing_from_plain"] == 0  # merged target + heads, exact greedy
 
 
+AUTOREGRESSIVE = {  # method -> (recipe, title, steps evaluated, drafter loader, checkpoint config's per-step field)
+    "eagle3": ("configs/eagle3/tiny-random.yaml", "EAGLE-3", "Eagle3Draft", "step_top1"),
+    "clover": ("configs/clover/tiny-random.yaml", "Clover-2", "CloverHeads", "head_top1"),
+}
+
+
+@pytest.mark.parametrize("method", list(AUTOREGRESSIVE))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_eagle3_trains_in_every_launch_mode(mode, tmp_path):
-    """EAGLE-3 (configs/eagle3/tiny-random.yaml) on the same core: a second method, no change to the loop."""
-    output = tmp_path / "eagle3"
-    summary = train(mode, output, tmp_path / "data", "eagle3.draft_vocab_size=64", "training.save_every_steps=null",
-                    "eval.generate_prompts=1", "eval.generate_max_new_tokens=8",
-                    recipe="configs/eagle3/tiny-random.yaml")
-    assert summary["method"] == "EAGLE-3" and summary["processes"] == MODES[mode] and summary["replicas_identical"]
+def test_autoregressive_drafters_train_in_every_launch_mode(mode, method, tmp_path):
+    """EAGLE-3 and Clover-2 on the same core as Medusa: more methods, no change to the loop."""
+    recipe, title, loader, per_step = AUTOREGRESSIVE[method]
+    output = tmp_path / method
+    summary = train(mode, output, tmp_path / "data", f"{method}.draft_vocab_size=64", "training.save_every_steps=null",
+                    "eval.generate_prompts=1", "eval.generate_max_new_tokens=8", recipe=recipe)
+    assert summary["method"] == title and summary["processes"] == MODES[mode] and summary["replicas_identical"]
     losses = step_losses(output)
     assert sorted(losses) == list(range(1, 9))
     assert sum(losses[s] for s in (7, 8)) < sum(losses[s] for s in (1, 2)), losses
@@ -154,14 +161,15 @@ def test_eagle3_trains_in_every_launch_mode(mode, tmp_path):
     assert evaluation["positions"] == summary["data"]["heldout"]["assistant_tokens"]  # each counted once
     assert summary["generation"]["outputs_differing_from_plain"] == 0
 
-    from hf_spec.drafters.eagle3 import Eagle3Draft
+    import hf_spec
 
-    draft = Eagle3Draft.from_pretrained(output)
-    assert draft.config.step_top1 == evaluation["step_top1"] and draft.draft_vocab.size == 64
+    saved = getattr(hf_spec, loader).from_pretrained(output)
+    assert getattr(saved.config, per_step) == evaluation["step_top1"] and saved.draft_vocab.size == 64
     card = (output / "README.md").read_text()
-    assert "EAGLE-3 draft layer for `hf_spec:tiny-random-llama`" in card and "| 2 | 3 |" in card
-    exported = json.loads((output / "speculators" / "config.json").read_text())
-    assert exported["speculators_model_type"] == "eagle3" and exported["draft_vocab_size"] == 64
+    assert f"{title} " in card and "`hf_spec:tiny-random-llama`" in card and "| 2 | 3 |" in card
+    if method == "eagle3":
+        exported = json.loads((output / "speculators" / "config.json").read_text())
+        assert exported["speculators_model_type"] == "eagle3" and exported["draft_vocab_size"] == 64
 
 
 def test_a_multi_process_launch_reads_prepared_data_and_never_builds_it(tmp_path):

@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ...drafters.draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
 from ...drafters.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Drafter
 from ...drafters.eagle3.speculators_format import export_speculators
@@ -29,8 +27,8 @@ from ..provenance import published_model_name
 from ..vocab_selection import recipe_draft_vocabulary
 from . import MethodParts, TrainingMethod, register
 from .eagle3_objective import Eagle3Objective
+from .step_predictions import evaluate_steps
 
-UNLABELLED = -1
 SPECULATORS_DIR = "speculators"
 
 
@@ -140,50 +138,6 @@ class Eagle3Method(TrainingMethod):
         evaluation = summary["evaluation"]
         return {"steps": evaluation["steps"], "draft_vocab": evaluation.get("draft_vocab"),
                 "eagle3_layers": evaluation["feature_layers"]}
-
-
-@torch.no_grad()
-def evaluate_steps(accelerator, objective, dataloader) -> dict:
-    """Held-out top-1 agreement with the target per drafting step, teacher-forced, and the chain tau it implies.
-
-    Step ``j`` at an anchor is right when the draft's top-1 is the target's greedy token ``j + 2`` positions ahead,
-    having read its own outputs of the earlier steps (training-time test) and the data's tokens. ``tau_chain`` is
-    1 + the mean number of leading steps that are right per anchor: the tokens per step of a top-1 chain of
-    ``ttt_steps`` drafts, had every earlier draft been accepted. Per-anchor hits are gathered with
-    ``gather_for_metrics`` (padded duplicates of an uneven last batch count once).
-    """
-    model = accelerator.unwrap_model(objective)
-    was_training = objective.training
-    objective.eval()
-    gathered = []
-    for batch in dataloader:
-        predictions = model.unrolled(**batch)
-        hits = torch.full((*batch["input_ids"].shape, model.steps), UNLABELLED, dtype=torch.long,
-                          device=accelerator.device)
-        for prediction in predictions:
-            right = (model.predicted_tokens(prediction) == prediction.reference).long()
-            hits[prediction.rows, prediction.anchors, prediction.step] = right
-        hits = accelerator.pad_across_processes(hits, dim=1, pad_index=UNLABELLED)
-        hits = accelerator.gather_for_metrics(hits).cpu()
-        gathered.append(hits.flatten(0, 1)[(hits.flatten(0, 1) != UNLABELLED).any(-1)])
-    objective.train(was_training)
-    hits = torch.cat(gathered) if gathered else torch.empty(0, model.steps, dtype=torch.long)
-    step_top1 = [float((hits[:, j][hits[:, j] >= 0] == 1).float().mean()) if bool((hits[:, j] >= 0).any()) else 0.0
-                 for j in range(model.steps)]
-    anchored = hits[hits[:, 0] >= 0]
-    leading = (anchored == 1).long().cumprod(-1).sum(-1)
-    evaluation = {
-        "positions": int(anchored.shape[0]),
-        "step_top1": step_top1,
-        "steps": [{"step": j, "drafts_depth": j + 1, "top1": value} for j, value in enumerate(step_top1)],
-        "tau_chain": 1.0 + float(leading.float().mean()) if anchored.shape[0] else 1.0,
-        "feature_layers": list(model.draft.config.feature_layers),
-    }
-    vocabulary = model.draft.draft_vocab
-    if vocabulary is not None:
-        evaluation["draft_vocab"] = {**vocabulary.metadata, "size": vocabulary.size,
-                                     "target_vocab_size": vocabulary.target_vocab_size}
-    return evaluation
 
 
 register(Eagle3Method())

@@ -18,8 +18,6 @@ steps that predict it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -27,18 +25,7 @@ from ...drafters.eagle3 import Eagle3Draft
 from ...engine.features import FINAL
 from ..feature_cache import compute_features, feature_key
 from ..losses import head_loss_weights, soft_cross_entropy_to_probs
-
-
-@dataclass
-class StepPredictions:
-    """Step ``j``'s logits at the rows with a label, and what the target says about those labels."""
-
-    step: int
-    rows: torch.Tensor  # (n,) batch row
-    anchors: torch.Tensor  # (n,) anchor t (the last verified position); the row predicts x_{t+2+step}
-    logits: torch.Tensor  # (n, N) over the draft vocabulary (draft ids), or (n, V)
-    teacher_probs: torch.Tensor  # (n, N): the target's probabilities of the draft vocabulary's tokens
-    reference: torch.Tensor  # (n,) the target's greedy token (target ids)
+from .step_predictions import StepPredictions
 
 
 class Eagle3Objective(nn.Module):
@@ -61,6 +48,10 @@ class Eagle3Objective(nn.Module):
     def config(self):
         """The target's config (DeepSpeed sizes its ``auto`` buckets from ``hidden_size``)."""
         return self.target.config
+
+    @property
+    def feature_layers(self) -> list:
+        return list(self.draft.config.feature_layers)
 
     # ------------------------------------------------------------------ inputs
     def _features(self, input_ids, attention_mask, given: dict) -> tuple[torch.Tensor, torch.Tensor]:

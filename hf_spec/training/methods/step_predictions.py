@@ -1,0 +1,71 @@
+"""What a drafter unrolled over its drafting steps predicts in training, and the held-out evaluation of it.
+
+Objectives of autoregressive drafters (EAGLE-3, Clover-2) expose ``unrolled(**batch) -> list[StepPredictions]``
+(one per drafting step: the logits at the anchors that have a label), ``steps``, ``predicted_tokens``, ``draft``
+(with ``draft_vocab``) and ``feature_layers``; ``evaluate_steps`` scores any of them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+UNLABELLED = -1
+
+
+@dataclass
+class StepPredictions:
+    """Step ``j``'s logits at the rows with a label, and what the target says about those labels."""
+
+    step: int
+    rows: torch.Tensor  # (n,) batch row
+    anchors: torch.Tensor  # (n,) anchor t (the last verified position); the row predicts x_{t+2+step}
+    logits: torch.Tensor  # (n, N) over the draft vocabulary (draft ids), or (n, V)
+    teacher_probs: torch.Tensor  # (n, N): the target's probabilities of the draft vocabulary's tokens
+    reference: torch.Tensor  # (n,) the target's greedy token (target ids)
+    feature_loss: torch.Tensor | None = None  # methods that regress the target's features (Clover-2)
+
+
+@torch.no_grad()
+def evaluate_steps(accelerator, objective, dataloader) -> dict:
+    """Held-out top-1 agreement with the target per drafting step, teacher-forced, and the chain tau it implies.
+
+    Step ``j`` at an anchor is right when the draft's top-1 is the target's greedy token ``j + 2`` positions ahead,
+    having read its own outputs of the earlier steps and the data's tokens. ``tau_chain`` is 1 + the mean number of
+    leading steps that are right per anchor: the tokens per step of a top-1 chain of ``objective.steps`` drafts,
+    had every earlier draft been accepted. Per-anchor hits are gathered with
+    ``gather_for_metrics`` (padded duplicates of an uneven last batch count once).
+    """
+    model = accelerator.unwrap_model(objective)
+    was_training = objective.training
+    objective.eval()
+    gathered = []
+    for batch in dataloader:
+        predictions = model.unrolled(**batch)
+        hits = torch.full((*batch["input_ids"].shape, model.steps), UNLABELLED, dtype=torch.long,
+                          device=accelerator.device)
+        for prediction in predictions:
+            right = (model.predicted_tokens(prediction) == prediction.reference).long()
+            hits[prediction.rows, prediction.anchors, prediction.step] = right
+        hits = accelerator.pad_across_processes(hits, dim=1, pad_index=UNLABELLED)
+        hits = accelerator.gather_for_metrics(hits).cpu()
+        gathered.append(hits.flatten(0, 1)[(hits.flatten(0, 1) != UNLABELLED).any(-1)])
+    objective.train(was_training)
+    hits = torch.cat(gathered) if gathered else torch.empty(0, model.steps, dtype=torch.long)
+    step_top1 = [float((hits[:, j][hits[:, j] >= 0] == 1).float().mean()) if bool((hits[:, j] >= 0).any()) else 0.0
+                 for j in range(model.steps)]
+    anchored = hits[hits[:, 0] >= 0]
+    leading = (anchored == 1).long().cumprod(-1).sum(-1)
+    evaluation = {
+        "positions": int(anchored.shape[0]),
+        "step_top1": step_top1,
+        "steps": [{"step": j, "drafts_depth": j + 1, "top1": value} for j, value in enumerate(step_top1)],
+        "tau_chain": 1.0 + float(leading.float().mean()) if anchored.shape[0] else 1.0,
+        "feature_layers": list(model.feature_layers),
+    }
+    vocabulary = model.draft.draft_vocab
+    if vocabulary is not None:
+        evaluation["draft_vocab"] = {**vocabulary.metadata, "size": vocabulary.size,
+                                     "target_vocab_size": vocabulary.target_vocab_size}
+    return evaluation
