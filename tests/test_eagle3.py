@@ -77,6 +77,8 @@ def test_config_round_trips_and_rejects_bad_values():
     assert config.feature_size == 96
     with pytest.raises(ValueError, match="feature_layers"):
         Eagle3Config(**{**config.to_dict(), "feature_layers": [5]})
+    with pytest.raises(ValueError, match="twice"):
+        Eagle3Config(**{**config.to_dict(), "feature_layers": [1, 1, 3]})
     with pytest.raises(ValueError, match="key/value heads"):
         Eagle3Config(**{**config.to_dict(), "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="draft_vocab_size"):
@@ -180,6 +182,15 @@ def test_unrolled_training_steps_equal_what_the_drafter_computes():
     for step, prediction in enumerate(predictions):
         row = int(((prediction.rows == 0) & (prediction.anchors == anchor)).nonzero())
         torch.testing.assert_close(prediction.logits[row], expected[step])
+
+
+def test_sequences_shorter_than_the_unrolled_steps_train():
+    target = tiny_model("llama")
+    objective = Eagle3Objective(target, random_draft(target), steps=7)
+    sequence = tiny_prompt(seed=3, length=4)
+    mask = torch.ones_like(sequence)
+    out = objective(sequence, mask, mask)
+    assert torch.isfinite(out["loss"]) and out["step_top1"].shape == (7,)
 
 
 def test_training_reduces_the_loss_and_raises_agreement():

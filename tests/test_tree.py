@@ -198,3 +198,21 @@ def test_structure_matches_brute_force_on_random_trees(num_nodes):
         assert torch.equal(cut.block_ancestry(), expected_ancestry[: keep + 1, : keep + 1])
         assert cut.block_position_offsets().tolist() == expected_offsets[: keep + 1]
         assert cut.paths == expected_paths[: keep + 1]
+
+
+# ----------------------------------------------------------------------------------- dynamic growth
+def test_dynamic_growth_never_drafts_a_token_ruled_out_by_a_processor():
+    """-inf scores (and NaN rows, where a processor ruled out every token of a draft vocabulary) are never drafted;
+    the budget goes to possible tokens and every parent precedes its children."""
+    from hf_spec.engine.dynamic_tree import grow_dynamic_tree
+
+    def expand(frontier, tokens, parents):
+        scores = torch.full((len(frontier), 6), float("-inf"))
+        scores[:, 2] = -0.1  # one possible token per node ...
+        if len(tokens) == 1:
+            scores[:] = float("nan")  # ... and nothing at all below the first one
+        return scores
+
+    tree = grow_dynamic_tree(expand, depth=4, top_k=3, budget=8, device="cpu")
+    assert tree.tokens.tolist() == [2] and tree.parents.tolist() == [-1]
+    assert grow_dynamic_tree(lambda f, t, p: torch.full((1, 6), float("nan")), 3, 3, 8, "cpu").num_nodes == 0

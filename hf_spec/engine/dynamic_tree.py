@@ -65,20 +65,25 @@ def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, devic
     scores: list[float] = []
     frontier, frontier_scores = [-1], torch.zeros(1)
     for _ in range(depth):
+        # a token a logits processor ruled out (-inf, or NaN where it ruled out every token) is never drafted
         log_probs = expand(frontier, tokens, parents)
+        log_probs = log_probs.masked_fill(log_probs.isnan(), float("-inf"))
         top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)  # on the drafter's device: k values leave it
         top_values, top_indices = top.values.float().cpu(), top.indices.cpu()
         candidate_scores = frontier_scores[:, None] + top_values
         first_new = len(tokens)
         for row, parent in enumerate(frontier):
-            tokens += top_indices[row].tolist()
-            parents += [parent] * top_indices.shape[1]
-            scores += candidate_scores[row].tolist()
+            possible = torch.isfinite(candidate_scores[row])
+            tokens += top_indices[row][possible].tolist()
+            parents += [parent] * int(possible.sum())
+            scores += candidate_scores[row][possible].tolist()
         layer = torch.tensor(scores[first_new:])
+        if layer.numel() == 0:
+            break
         best = layer.topk(min(top_k, layer.numel())).indices
         frontier = [first_new + int(i) for i in best]
         frontier_scores = layer[best]
-    return _keep_best(tokens, parents, scores, budget, device)
+    return _keep_best(tokens, parents, scores, budget, device) if tokens else DraftTree.empty(device)
 
 
 def node_path(node: int, tokens: list[int], parents: list[int]) -> list[int]:

@@ -68,6 +68,8 @@ class Eagle3Config:
                              or not 0 <= layer <= self.num_target_layers for layer in layers):
             raise ValueError(f"Eagle3Config.feature_layers must be layer indices in [0, {self.num_target_layers}], "
                              f"got {self.feature_layers!r}.")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"Eagle3Config.feature_layers names a layer twice: {self.feature_layers!r}.")
         if self.draft_vocab_size is not None and (isinstance(self.draft_vocab_size, bool)
                                                   or not isinstance(self.draft_vocab_size, int)
                                                   or not 0 < self.draft_vocab_size <= self.vocab_size):

@@ -62,6 +62,8 @@ class Eagle3Method(TrainingMethod):
                 isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 for layer in layers)):
             problems.append("eagle3.feature_layers must be null or a list of output_hidden_states indices (ints >= 0), "
                             f"got {section.feature_layers!r}")
+        elif layers is not None and len(set(layers)) != len(layers):
+            problems.append(f"eagle3.feature_layers names a layer twice: {layers!r}")
         size = section.draft_vocab_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             problems.append(f"eagle3.draft_vocab_size must be a positive integer or null, got {size!r}")

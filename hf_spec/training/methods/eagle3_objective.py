@@ -102,7 +102,8 @@ class Eagle3Objective(nn.Module):
         predictions, own_keys, own_values = [], [], []
         for step in range(self.steps):
             tokens = torch.zeros_like(input_ids[:, :rows])  # x_{t+1+step}; padding beyond the sequence
-            tokens[:, : rows - step] = input_ids[:, 1 + step:]
+            known = max(rows - step, 0)
+            tokens[:, :known] = input_ids[:, 1 + step : 1 + step + known]
             embeddings = embed(tokens).to(hidden.dtype)
             q, k, v = layer.self_attn.project(layer.attention_input(embeddings, hidden), positions + step)
             if step == 0:
