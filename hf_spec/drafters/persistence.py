@@ -11,10 +11,12 @@ them) and read back by ``from_config``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from ..errors import UnsupportedError
 from ..training.hub import (
     CheckpointError,
     load_config_dict,
@@ -23,6 +25,11 @@ from ..training.hub import (
     resolve_pretrained,
     save_weights_and_config,
 )
+from .draft_vocab import CONFIG_NAME as VOCAB_CONFIG_NAME
+from .draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
+from .draft_vocab import DraftVocabulary
+
+logger = logging.getLogger(__name__)
 
 
 class SavedHeads:
@@ -58,12 +65,27 @@ class SavedHeads:
         return heads.eval()
 
     def save_companion_files(self, directory: Path) -> None:
-        """Files saved beside the weights (none by default)."""
+        """Files saved beside the weights: the draft vocabulary (``draft_vocab.safetensors`` + ``.json``), if any."""
+        if getattr(self, "draft_vocab", None) is not None:
+            self.draft_vocab.save(directory)
 
     @classmethod
     def from_config(cls, config, folder: Path):
-        """The (untrained) module ``config`` describes, with any companion files read from ``folder``."""
-        return cls(config)
+        """The (untrained) module ``config`` describes, with the draft vocabulary ``config`` names read from
+        ``folder``."""
+        size = getattr(config, "draft_vocab_size", None)
+        if size is None:
+            return cls(config)
+        try:
+            vocabulary = DraftVocabulary.load(folder)
+        except (OSError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{folder}: config.json says the draft scores a {size}-token draft vocabulary, but "
+                                  f"{VOCAB_WEIGHTS_NAME} / {VOCAB_CONFIG_NAME} cannot be read (missing or corrupt "
+                                  f"checkpoint): {error}") from error
+        try:
+            return cls(config, vocabulary)
+        except ValueError as error:
+            raise CheckpointError(f"{folder}: {error}") from error
 
     def load_checked_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         expected = self.state_dict()
@@ -102,3 +124,58 @@ class SavedHeads:
                 shutil.copytree(extra_folder, Path(staging, self.config.adapter))
             return push_folder_to_hub(staging, repo_id, token=token, private=private,
                                       commit_message=commit_message or f"Upload {self.method_name} heads")
+
+
+# ---------------------------------------------------------------------------- checks shared by trained drafters
+def check_draft_vocab(config, draft_vocab: DraftVocabulary | None, name: str) -> None:
+    """``ValueError`` unless ``config.draft_vocab_size`` and ``draft_vocab`` describe the same vocabulary of the same
+    target (``name``: the drafter, for messages, e.g. ``"Medusa heads"``)."""
+    if draft_vocab is None:
+        if config.draft_vocab_size is not None:
+            raise ValueError(f"This {name} config scores a {config.draft_vocab_size}-token draft vocabulary: pass it as "
+                             "draft_vocab= (DraftVocabulary.load(folder)), or load the checkpoint with from_pretrained.")
+        return
+    if not isinstance(draft_vocab, DraftVocabulary):
+        raise TypeError(f"draft_vocab must be a DraftVocabulary, got {type(draft_vocab).__name__}.")
+    if config.draft_vocab_size != draft_vocab.size:
+        raise ValueError(f"The draft vocabulary has {draft_vocab.size} tokens but the {name} config says "
+                         f"draft_vocab_size={config.draft_vocab_size}; the files disagree (or build the module with "
+                         "for_target(..., draft_vocab=...), which sets it).")
+    if draft_vocab.target_vocab_size != config.vocab_size:
+        raise ValueError(f"The draft vocabulary maps a {draft_vocab.target_vocab_size}-token vocabulary but the {name} "
+                         f"are for a {config.vocab_size}-token target; select it from this target's outputs.")
+
+
+def target_head_shape(target) -> tuple[int, int]:
+    """``(vocab rows, hidden size)`` of the target's output embedding."""
+    output = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
+    if output is None or not hasattr(output, "weight"):
+        raise UnsupportedError(f"{type(target).__name__} has no output embedding (lm_head); draft heads need a "
+                               "causal LM.")
+    shape = tuple(output.weight.shape)
+    if len(shape) != 2 or 0 in shape:
+        text_config = target.config.get_text_config()
+        return text_config.vocab_size, text_config.hidden_size
+    return shape[0], shape[1]
+
+
+def check_target(config, target, name: str, recipe: str, note_base_model: bool = True) -> None:
+    """``UnsupportedError`` naming every way ``target`` differs from what ``config`` was trained for (hidden size,
+    vocabulary, and ``num_target_layers`` when the config has it); with ``note_base_model``, log when only the name
+    differs."""
+    vocab_size, hidden_size = target_head_shape(target)
+    problems = []
+    if hidden_size != config.hidden_size:
+        problems.append(f"hidden size {config.hidden_size} (target: {hidden_size})")
+    if vocab_size != config.vocab_size:
+        problems.append(f"vocabulary {config.vocab_size} (target's lm_head: {vocab_size})")
+    layers = getattr(config, "num_target_layers", None)
+    if layers is not None and layers != target.config.get_text_config().num_hidden_layers:
+        problems.append(f"{layers} target layers (target: {target.config.get_text_config().num_hidden_layers})")
+    if problems:
+        raise UnsupportedError(f"These {name} were trained for another model ({config.base_model or 'unknown base'}): "
+                               f"{'; '.join(problems)}. Load a checkpoint trained for this target, or train one with "
+                               f"{recipe}.")
+    base, current = config.base_model, getattr(target.config, "_name_or_path", None)
+    if note_base_model and base and current and Path(str(base)).name != Path(str(current)).name:
+        logger.info("%s trained for %s, the target is %s; shapes match.", name, base, current)

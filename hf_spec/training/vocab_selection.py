@@ -69,7 +69,7 @@ def recipe_draft_vocabulary(config, target, section_name: str) -> DraftVocabular
     folder saved by ``--out``), or the ``<section>.draft_vocab_size`` most frequent assistant tokens of the recipe's
     prepared training split (with the end-of-turn tokens always in; the core prepares the data before it builds the
     method, and every rank selects the same tokens); ``None`` when neither is set."""
-    from ..drafters.medusa.heads import target_head_shape
+    from ..drafters.persistence import target_head_shape
     from .config import ConfigError
 
     section = getattr(config, section_name)

@@ -12,24 +12,16 @@ target's (frozen, not stored).
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from ...engine.features import decoder_parts
-from ...errors import UnsupportedError
-from ...training.hub import CheckpointError
 from ..draft_vocab import DraftVocabulary
 from ..eagle3.layer import RMSNorm
 from ..eagle3.model import _rope_theta
-from ..medusa.heads import target_head_shape
-from ..persistence import SavedHeads
+from ..persistence import SavedHeads, check_draft_vocab, check_target, target_head_shape
 from .blocks import AttentionDecoder, AugmentingBlock, RegressiveConnection
 from .config import CloverConfig
-
-logger = logging.getLogger(__name__)
 
 # parameters of the target's last decoder layer that the attention decoder starts from (when the shapes match)
 DECODER_INIT = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
@@ -46,7 +38,7 @@ class CloverHeads(SavedHeads, nn.Module):
 
     def __init__(self, config: CloverConfig, draft_vocab: DraftVocabulary | None = None):
         super().__init__()
-        _check_draft_vocab(config, draft_vocab)
+        check_draft_vocab(config, draft_vocab, "Clover-2 heads")
         self.config = config
         self.draft_vocab = draft_vocab
         self.regressive = RegressiveConnection(config)
@@ -108,45 +100,11 @@ class CloverHeads(SavedHeads, nn.Module):
     def to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.draft_vocab is None else self.draft_vocab.to_target_logits(logits)
 
-    # ------------------------------------------------------------------ persistence of the draft vocabulary
-    def save_companion_files(self, directory: Path) -> None:
-        if self.draft_vocab is not None:
-            self.draft_vocab.save(directory)
-
-    @classmethod
-    def from_config(cls, config: CloverConfig, folder: Path) -> CloverHeads:
-        if config.draft_vocab_size is None:
-            return cls(config)
-        try:
-            vocabulary = DraftVocabulary.load(folder)
-        except (OSError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{folder}: config.json says the heads score a {config.draft_vocab_size}-token "
-                                  f"draft vocabulary, but its files cannot be read: {error}") from error
-        try:
-            return cls(config, vocabulary)
-        except ValueError as error:
-            raise CheckpointError(f"{folder}: {error}") from error
-
     # ------------------------------------------------------------------ checks
     def check_compatible(self, target, note_base_model: bool = True) -> None:
         """``UnsupportedError`` naming every mismatch between these heads and ``target``."""
-        vocab_size, hidden_size = target_head_shape(target)
-        layers = target.config.get_text_config().num_hidden_layers
-        config = self.config
-        problems = []
-        if hidden_size != config.hidden_size:
-            problems.append(f"hidden size {config.hidden_size} (target: {hidden_size})")
-        if vocab_size != config.vocab_size:
-            problems.append(f"vocabulary {config.vocab_size} (target's lm_head: {vocab_size})")
-        if layers != config.num_target_layers:
-            problems.append(f"{config.num_target_layers} target layers (target: {layers})")
-        if problems:
-            raise UnsupportedError(f"These Clover-2 heads were trained for another model "
-                                   f"({config.base_model or 'unknown'}): {'; '.join(problems)}. Load heads trained for "
-                                   "this target, or train them with recipes/train.py --config configs/clover/<model>.yaml.")
-        name = getattr(target.config, "_name_or_path", None)
-        if note_base_model and config.base_model and name and Path(str(config.base_model)).name != Path(str(name)).name:
-            logger.info("Clover-2 heads trained for %s, the target is %s; shapes match.", config.base_model, name)
+        check_target(self.config, target, "Clover-2 heads", "recipes/train.py --config configs/clover/<model>.yaml",
+                     note_base_model)
 
 
 def _norm_scale(norm: nn.Module, size: int) -> torch.Tensor:
@@ -155,17 +113,3 @@ def _norm_scale(norm: nn.Module, size: int) -> torch.Tensor:
     probe = torch.ones(1, size, device=norm.weight.device, dtype=norm.weight.dtype)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 0.0)
     return norm(probe)[0] * (1.0 + eps) ** 0.5
-
-
-def _check_draft_vocab(config: CloverConfig, draft_vocab: DraftVocabulary | None) -> None:
-    if draft_vocab is None:
-        if config.draft_vocab_size is not None:
-            raise ValueError(f"This Clover-2 config scores a {config.draft_vocab_size}-token draft vocabulary: pass "
-                             "it as draft_vocab=, or load the heads with from_pretrained.")
-        return
-    if not isinstance(draft_vocab, DraftVocabulary):
-        raise TypeError(f"draft_vocab must be a DraftVocabulary, got {type(draft_vocab).__name__}.")
-    if config.draft_vocab_size != draft_vocab.size or draft_vocab.target_vocab_size != config.vocab_size:
-        raise ValueError(f"The draft vocabulary ({draft_vocab.size} of {draft_vocab.target_vocab_size} tokens) does "
-                         f"not match the config (draft_vocab_size={config.draft_vocab_size}, "
-                         f"vocab_size={config.vocab_size}).")

@@ -12,21 +12,13 @@ as the hidden state of the next row, drafts the token after that.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ...errors import UnsupportedError
-from ...training.hub import CheckpointError
 from ..draft_vocab import DraftVocabulary
-from ..medusa.heads import target_head_shape
-from ..persistence import SavedHeads
+from ..persistence import SavedHeads, check_draft_vocab, check_target, target_head_shape
 from .config import Eagle3Config, default_feature_layers
 from .layer import DraftLayer, RMSNorm
-
-logger = logging.getLogger(__name__)
 
 
 class Eagle3Draft(SavedHeads, nn.Module):
@@ -37,7 +29,7 @@ class Eagle3Draft(SavedHeads, nn.Module):
 
     def __init__(self, config: Eagle3Config, draft_vocab: DraftVocabulary | None = None):
         super().__init__()
-        _check_draft_vocab(config, draft_vocab)
+        check_draft_vocab(config, draft_vocab, "EAGLE-3 draft")
         self.config = config
         self.draft_vocab = draft_vocab
         self.fc = nn.Linear(config.feature_size, config.hidden_size, bias=False)
@@ -100,46 +92,11 @@ class Eagle3Draft(SavedHeads, nn.Module):
         return (torch.empty(shape, device=device, dtype=self.fc.weight.dtype),
                 torch.empty(shape, device=device, dtype=self.fc.weight.dtype))
 
-    # ------------------------------------------------------------------ persistence of the draft vocabulary
-    def save_companion_files(self, directory: Path) -> None:
-        if self.draft_vocab is not None:
-            self.draft_vocab.save(directory)
-
-    @classmethod
-    def from_config(cls, config: Eagle3Config, folder: Path) -> Eagle3Draft:
-        if config.draft_vocab_size is None:
-            return cls(config)
-        try:
-            vocabulary = DraftVocabulary.load(folder)
-        except (OSError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{folder}: config.json says the draft scores a {config.draft_vocab_size}-token "
-                                  f"draft vocabulary, but its files cannot be read: {error}") from error
-        try:
-            return cls(config, vocabulary)
-        except ValueError as error:
-            raise CheckpointError(f"{folder}: {error}") from error
-
     # ------------------------------------------------------------------ checks
     def check_compatible(self, target, note_base_model: bool = True) -> None:
         """``UnsupportedError`` naming every mismatch between this draft layer and ``target``."""
-        vocab_size, hidden_size = target_head_shape(target)
-        layers = target.config.get_text_config().num_hidden_layers
-        config = self.config
-        problems = []
-        if hidden_size != config.hidden_size:
-            problems.append(f"hidden size {config.hidden_size} (target: {hidden_size})")
-        if vocab_size != config.vocab_size:
-            problems.append(f"vocabulary {config.vocab_size} (target's lm_head: {vocab_size})")
-        if layers != config.num_target_layers:
-            problems.append(f"{config.num_target_layers} target layers for feature layers {config.feature_layers} "
-                            f"(target: {layers})")
-        if problems:
-            raise UnsupportedError(f"This EAGLE-3 draft was trained for another model ({config.base_model or 'unknown'}"
-                                   f"): {'; '.join(problems)}. Load a draft trained for this target, or train one with "
-                                   "recipes/train.py --config configs/eagle3/<model>.yaml.")
-        name = getattr(target.config, "_name_or_path", None)
-        if note_base_model and config.base_model and name and Path(str(config.base_model)).name != Path(str(name)).name:
-            logger.info("EAGLE-3 draft trained for %s, the target is %s; shapes match.", config.base_model, name)
+        check_target(self.config, target, "EAGLE-3 draft", "recipes/train.py --config configs/eagle3/<model>.yaml",
+                     note_base_model)
 
 
 def _rope_theta(text_config) -> float:
@@ -150,17 +107,3 @@ def _rope_theta(text_config) -> float:
     if isinstance(parameters, dict) and isinstance(parameters.get("full_attention"), dict):
         return parameters["full_attention"].get("rope_theta", 10000.0)
     return getattr(text_config, "rope_theta", 10000.0)
-
-
-def _check_draft_vocab(config: Eagle3Config, draft_vocab: DraftVocabulary | None) -> None:
-    if draft_vocab is None:
-        if config.draft_vocab_size is not None:
-            raise ValueError(f"This EAGLE-3 config scores a {config.draft_vocab_size}-token draft vocabulary: pass it "
-                             "as draft_vocab=, or load the draft with from_pretrained.")
-        return
-    if not isinstance(draft_vocab, DraftVocabulary):
-        raise TypeError(f"draft_vocab must be a DraftVocabulary, got {type(draft_vocab).__name__}.")
-    if config.draft_vocab_size != draft_vocab.size or draft_vocab.target_vocab_size != config.vocab_size:
-        raise ValueError(f"The draft vocabulary ({draft_vocab.size} of {draft_vocab.target_vocab_size} tokens) does "
-                         f"not match the config (draft_vocab_size={config.draft_vocab_size}, "
-                         f"vocab_size={config.vocab_size}).")

@@ -17,22 +17,14 @@ probability) outside the subset, which is all verification needs to stay exact.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ...errors import UnsupportedError
-from ...training.hub import CheckpointError
-from ..draft_vocab import CONFIG_NAME as VOCAB_CONFIG_NAME
-from ..draft_vocab import WEIGHTS_NAME as VOCAB_WEIGHTS_NAME
 from ..draft_vocab import DraftVocabulary
+from ..persistence import SavedHeads, check_draft_vocab, check_target, target_head_shape
 from .config import MedusaConfig
-from ..persistence import SavedHeads
-
-logger = logging.getLogger(__name__)
 
 
 class ResBlock(nn.Module):
@@ -117,7 +109,7 @@ class MedusaHeads(SavedHeads, nn.Module):
 
     def __init__(self, config: MedusaConfig, draft_vocab: DraftVocabulary | None = None):
         super().__init__()
-        _check_draft_vocab(config, draft_vocab)
+        check_draft_vocab(config, draft_vocab, "Medusa heads")
         self.config = config
         self.draft_vocab = draft_vocab
         self._shared_rows = SharedRows(draft_vocab) if draft_vocab is not None else None
@@ -173,73 +165,8 @@ class MedusaHeads(SavedHeads, nn.Module):
         return lambda features: self._shared_rows(lm_head, features)
 
     # ------------------------------------------------------------------ persistence of the draft vocabulary
-    def save_companion_files(self, directory: Path) -> None:
-        """The draft vocabulary, in ``DraftVocabulary``'s own format (``draft_vocab.safetensors`` + ``.json``)."""
-        if self.draft_vocab is not None:
-            self.draft_vocab.save(directory)
-
-    @classmethod
-    def from_config(cls, config: MedusaConfig, folder: Path) -> MedusaHeads:
-        """Heads for ``config``, with the draft vocabulary saved in ``folder`` when ``config`` names one."""
-        if config.draft_vocab_size is None:
-            return cls(config)
-        try:
-            vocabulary = DraftVocabulary.load(folder)
-        except (OSError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{folder}: config.json says the heads score a {config.draft_vocab_size}-token "
-                                  f"draft vocabulary, but {VOCAB_WEIGHTS_NAME} / {VOCAB_CONFIG_NAME} cannot be read "
-                                  f"(missing or corrupt checkpoint): {error}") from error
-        try:
-            return cls(config, vocabulary)
-        except ValueError as error:
-            raise CheckpointError(f"{folder}: {error}") from error
-
     # ------------------------------------------------------------------ checks
     def check_compatible(self, target, note_base_model: bool = True) -> None:
         """Raise ``UnsupportedError`` naming the mismatch if these heads cannot run on ``target``."""
-        vocab_size, hidden_size = target_head_shape(target)
-        problems = []
-        if hidden_size != self.config.hidden_size:
-            problems.append(f"hidden size {self.config.hidden_size} (target: {hidden_size})")
-        if vocab_size != self.config.vocab_size:
-            problems.append(f"vocabulary {self.config.vocab_size} (target's lm_head: {vocab_size})")
-        if problems:
-            raise UnsupportedError(
-                f"These Medusa heads were trained for another model ({self.config.base_model or 'unknown base'}): "
-                f"{'; '.join(problems)}. Load heads trained for this target, or train them with "
-                "recipes/train_medusa.py."
-            )
-        base = self.config.base_model
-        name = getattr(target.config, "_name_or_path", None)
-        if note_base_model and base and name and Path(str(base)).name != Path(str(name)).name:
-            logger.info("Medusa heads were trained for %s, the target is %s; shapes match.", base, name)
-
-
-def target_head_shape(target) -> tuple[int, int]:
-    """``(vocab rows, hidden size)`` of the target's output embedding."""
-    output = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
-    if output is None or not hasattr(output, "weight"):
-        raise UnsupportedError(f"{type(target).__name__} has no output embedding (lm_head); Medusa needs a causal LM.")
-    shape = tuple(output.weight.shape)
-    if len(shape) != 2 or 0 in shape:
-        text_config = target.config.get_text_config()
-        return text_config.vocab_size, text_config.hidden_size
-    return shape[0], shape[1]
-
-
-def _check_draft_vocab(config: MedusaConfig, draft_vocab: DraftVocabulary | None) -> None:
-    """``ValueError`` unless ``config.draft_vocab_size`` and ``draft_vocab`` describe the same vocabulary."""
-    if draft_vocab is None:
-        if config.draft_vocab_size is not None:
-            raise ValueError(f"This Medusa config scores a {config.draft_vocab_size}-token draft vocabulary: pass it "
-                             "as draft_vocab= (DraftVocabulary.load(folder)), or load the heads with from_pretrained.")
-        return
-    if not isinstance(draft_vocab, DraftVocabulary):
-        raise TypeError(f"draft_vocab must be a DraftVocabulary, got {type(draft_vocab).__name__}.")
-    if config.draft_vocab_size != draft_vocab.size:
-        raise ValueError(f"The draft vocabulary has {draft_vocab.size} tokens but the Medusa config says "
-                         f"draft_vocab_size={config.draft_vocab_size}; the files disagree (or build the heads with "
-                         "MedusaHeads.for_target(..., draft_vocab=...), which sets it).")
-    if draft_vocab.target_vocab_size != config.vocab_size:
-        raise ValueError(f"The draft vocabulary maps a {draft_vocab.target_vocab_size}-token vocabulary but the heads "
-                         f"are for a {config.vocab_size}-token target; select it from this target's outputs.")
+        check_target(self.config, target, "Medusa heads", "recipes/train.py --config configs/medusa/<model>.yaml",
+                     note_base_model)
