@@ -177,8 +177,8 @@ def test_demo_is_the_bench_with_its_preset_on_a_named_tiny_model(tmp_path, capsy
     for label in ("plain generate()", "transformers prompt lookup", "hf_spec prompt lookup (chain)",
                   "transformers assisted generation (draft model)", "hf_spec draft model (chain)"):
         assert f"| {label} |" in table
-    # The committed SmolLM2 heads do not fit this target: left out, with the reason, not a crash.
-    assert "Not measured: hf_spec Medusa heads (trained, committed) (" in table
+    # The committed SmolLM2 draft does not fit this target: left out, with the reason, not a crash.
+    assert "Not measured: hf_spec EAGLE-3 draft (trained, committed) (" in table
     assert "`hf-spec bench`" in table  # points to the full tables
     payload = json.loads((out / "results.json").read_text())
     assert payload["config"]["table"] == "demo" and payload["config"]["tasks"] == ["code_edit", "extraction",

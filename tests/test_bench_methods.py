@@ -139,10 +139,11 @@ def test_methods_are_not_named_with_the_model_prefix():
             build_methods(tiny_model(), None, GREEDY, [old])
 
 
-def test_committed_medusa_heads_are_skipped_with_the_reason_on_another_target():
-    methods, skipped = build_methods(tiny_model(), None, GREEDY, ["hf_spec_medusa_trained"])
+@pytest.mark.parametrize("name", ["hf_spec_medusa_trained", "hf_spec_eagle3_trained"])
+def test_committed_trained_drafters_are_skipped_with_the_reason_on_another_target(name):
+    methods, skipped = build_methods(tiny_model(), None, GREEDY, [name])
     assert [method.name for method in methods] == ["plain"]
-    assert "trained for another model" in skipped["hf_spec_medusa_trained"]
+    assert "trained for another model" in skipped[name]
 
 
 def test_unknown_method_names_fail_clearly():

@@ -13,15 +13,16 @@ only at a provable near-tie of plain decoding's top-2 logits, nothing else.
 
 Drafters: prompt lookup (chain and candidate tree), an 8-layer early exit of the target through
 ``DraftModelDrafter`` (chain, static top-k tree, EAGLE-2-style dynamic tree) and the committed Medusa
-heads (``artifacts/medusa-smollm2-135m-instruct``; static tree and dynamic tree). Each drafter must
+heads (``artifacts/medusa-smollm2-135m-instruct``; static tree and dynamic tree) and the committed EAGLE-3 draft
+(``artifacts/eagle3-smollm2-135m-instruct``; dynamic tree and chain). Each drafter must
 also have had drafts accepted on its prompts, so that the identity is not reached by rejecting everything.
 
 Runtime budget (CI: 2 cores, ~3 minutes for this file). One plain 128-token generation costs ~6 s
 there; measured per prompt relative to it, prompt lookup costs ~1.5x, Medusa ~1.3x and the early exit
 ~3-4x (untrained, it is rejected almost always, and every draft step still runs). Every drafter on every
-prompt at 128 tokens would take ~25 minutes, so in CI each drafter runs on its own three prompts (the
-``DRAFTERS`` table; lookups get input-grounded ones), which together cover all 21 prompts once, with 64 new
-tokens each: 21 plain references plus 21 speculative runs. ``HF_SPEC_HELDOUT_ALL_PROMPTS=1`` runs every
+prompt at 128 tokens would take ~25 minutes, so in CI each drafter runs on its own prompts (the ``DRAFTERS``
+table, two or three each; lookups get input-grounded ones), which together cover all 21 prompts once, with 64
+new tokens each: 21 plain references plus 21 speculative runs. ``HF_SPEC_HELDOUT_ALL_PROMPTS=1`` runs every
 drafter on every prompt with 128 new tokens.
 """
 
@@ -43,6 +44,7 @@ FULL_MATRIX = os.environ.get("HF_SPEC_HELDOUT_ALL_PROMPTS") == "1"
 MAX_NEW_TOKENS = 128 if FULL_MATRIX else 64
 EARLY_EXIT_LAYERS = 8
 TRAINED_MEDUSA = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
+TRAINED_EAGLE3 = Path(__file__).resolve().parents[1] / "artifacts" / "eagle3-smollm2-135m-instruct"
 
 
 def user(text: str) -> list[dict]:
@@ -94,17 +96,23 @@ def medusa_drafter(model):
     return hf_spec.MedusaDrafter.from_pretrained(TRAINED_MEDUSA, target=model)
 
 
+def eagle3_drafter(model, **options):
+    return hf_spec.Eagle3Drafter.from_pretrained(TRAINED_EAGLE3, target=model, **options)
+
+
 # name -> (drafter built from the target, extra generate() options, the prompts it runs on in CI)
 DRAFTERS = {
     "lookup-chain": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8), {}, (3, 11, 15)),
     "lookup-tree": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8, max_candidates=4), {},
                     (7, 13, 18)),
-    "early-exit-chain": (early_exit_drafter, {}, (0, 8, 16)),
-    "early-exit-static-tree": (lambda model: early_exit_drafter(model, tree="static", top_k=3), {}, (1, 9, 17)),
+    "early-exit-chain": (early_exit_drafter, {}, (0, 8)),
+    "early-exit-static-tree": (lambda model: early_exit_drafter(model, tree="static", top_k=3), {}, (1, 9)),
     "early-exit-dynamic-tree": (lambda model: early_exit_drafter(model, tree="dynamic", top_k=3, tree_budget=12), {},
-                                (4, 12, 20)),
-    "medusa-static-tree": (medusa_drafter, {}, (2, 10, 19)),
-    "medusa-dynamic-tree": (medusa_drafter, {"tree": "dynamic", "tree_budget": 12}, (5, 6, 14)),
+                                (4, 12)),
+    "medusa-static-tree": (medusa_drafter, {}, (2, 10)),
+    "medusa-dynamic-tree": (medusa_drafter, {"tree": "dynamic", "tree_budget": 12}, (5, 6)),
+    "eagle3-dynamic-tree": (eagle3_drafter, {}, (16, 17, 19)),
+    "eagle3-chain": (lambda model: eagle3_drafter(model, tree="chain", depth=4), {}, (14, 20)),
 }
 
 

@@ -50,6 +50,7 @@ from hf_spec.models import MODEL_PREFIX
 BASELINE = "plain"
 # Trained heads committed with the repository (see the README): found in a checkout, not in an installed wheel.
 TRAINED_MEDUSA_HEADS = Path(__file__).resolve().parents[2] / "artifacts" / "medusa-smollm2-135m-instruct"
+TRAINED_EAGLE3_DRAFT = Path(__file__).resolve().parents[2] / "artifacts" / "eagle3-smollm2-135m-instruct"
 DRAFT_PARAMETERS = ("draft_model", "draft")
 TARGET_PARAMETERS = ("target", "target_model")
 
@@ -147,6 +148,16 @@ def medusa_trained(target, draft, generation: dict) -> Method:
                             "is missing); name other heads as MedusaDrafter.from_pretrained(path_or_id='...')")
     drafter = hf_spec.MedusaDrafter.from_pretrained(TRAINED_MEDUSA_HEADS, target=target)
     return hf_spec_method("hf_spec_medusa_trained", target, drafter, generation)
+
+
+@register("hf_spec_eagle3_trained")
+def eagle3_trained(target, draft, generation: dict) -> Method:
+    """The EAGLE-3 draft layer trained on this project's CPU for SmolLM2-135M-Instruct, with its dynamic tree."""
+    if not (TRAINED_EAGLE3_DRAFT / "config.json").is_file():
+        raise NotApplicable(f"the committed draft is in a checkout of the repository ({TRAINED_EAGLE3_DRAFT} is "
+                            "missing); name another as Eagle3Drafter.from_pretrained(path_or_id='...')")
+    drafter = hf_spec.Eagle3Drafter.from_pretrained(TRAINED_EAGLE3_DRAFT, target=target)
+    return hf_spec_method("hf_spec_eagle3_trained", target, drafter, generation)
 
 
 # --------------------------------------------------------------------------------------------- building blocks

@@ -21,7 +21,7 @@ DEMO_LABELS = {
     "transformers_prompt_lookup": "transformers prompt lookup",
     "transformers_assisted": "transformers assisted generation (draft model)",
     "PromptLookupDrafter": "hf_spec prompt lookup (chain)",
-    "hf_spec_medusa_trained": "hf_spec Medusa heads (trained, committed)",
+    "hf_spec_eagle3_trained": "hf_spec EAGLE-3 draft (trained, committed)",
     "DraftModelDrafter": "hf_spec draft model (chain)",
     "hf_spec_draft_adaptive": "hf_spec draft model (adaptive length)",
 }
