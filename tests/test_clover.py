@@ -125,6 +125,8 @@ def test_save_and_load_round_trip_and_target_checks(tmp_path):
         CloverDrafter(heads, depth=4)
     with pytest.raises(ValueError, match="dynamic"):
         CloverDrafter(heads, tree="static")
+    with pytest.raises(TypeError, match="CloverHeads"):
+        CloverDrafter(target)
 
 
 # ---------------------------------------------------------------------------------------------- objective

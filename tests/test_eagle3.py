@@ -139,8 +139,10 @@ def test_save_and_load_round_trip_and_target_checks(tmp_path):
         Eagle3Draft.from_pretrained(tmp_path, target=target)
 
 
-def test_drafter_refuses_static_trees():
+def test_drafter_refuses_static_trees_and_other_modules():
     target = tiny_model("llama")
+    with pytest.raises(TypeError, match="Eagle3Draft"):
+        Eagle3Drafter(target)
     with pytest.raises(ValueError, match="dynamic"):
         Eagle3Drafter(random_draft(target), tree="static")
     with pytest.raises(ValueError, match="dynamic"):

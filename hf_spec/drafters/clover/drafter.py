@@ -34,6 +34,9 @@ class CloverDrafter(Drafter):
     def __init__(self, heads: CloverHeads, tree: str = "dynamic", depth: int | None = None, top_k: int | None = None,
                  budget: int | None = None):
         super().__init__()
+        if not isinstance(heads, CloverHeads):
+            raise TypeError(f"CloverDrafter takes trained CloverHeads, got {type(heads).__name__}; load them with "
+                            "CloverDrafter.from_pretrained(path_or_id, target=model).")
         if tree not in ("dynamic", "chain"):
             raise ValueError(f"CloverDrafter grows 'dynamic' trees or 'chain's, got tree={tree!r}.")
         config = heads.config

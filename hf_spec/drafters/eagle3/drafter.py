@@ -29,25 +29,28 @@ class Eagle3Drafter(Drafter):
     """Draft EAGLE-2 trees with a trained EAGLE-3 draft layer.
 
     Args:
-        draft: the trained ``Eagle3Draft``.
+        draft_layer: the trained ``Eagle3Draft`` (``Eagle3Drafter.from_pretrained`` loads one).
         tree: ``"dynamic"`` (default: the checkpoint's ``tree_depth`` / ``tree_top_k`` / ``tree_budget``) or
             ``"chain"`` (the draft's top-1 for ``tree_depth`` tokens). ``generate(tree=..., tree_depth=...,
             tree_top_k=..., tree_budget=...)`` reshapes one call.
         depth, top_k, budget: override the checkpoint's tree sizes.
     """
 
-    def __init__(self, draft: Eagle3Draft, tree: str = "dynamic", depth: int | None = None, top_k: int | None = None,
-                 budget: int | None = None):
+    def __init__(self, draft_layer: Eagle3Draft, tree: str = "dynamic", depth: int | None = None,
+                 top_k: int | None = None, budget: int | None = None):
         super().__init__()
+        if not isinstance(draft_layer, Eagle3Draft):
+            raise TypeError(f"Eagle3Drafter takes a trained Eagle3Draft, got {type(draft_layer).__name__}; load one "
+                            "with Eagle3Drafter.from_pretrained(path_or_id, target=model).")
         if tree not in ("dynamic", "chain"):
             raise ValueError(f"Eagle3Drafter grows 'dynamic' trees or 'chain's, got tree={tree!r}.")
-        config = draft.config
+        config = draft_layer.config
         depth = depth or config.tree_depth
         self.default_tree_spec = (TreeSpec("chain", depth=depth, top_k=1, budget=depth) if tree == "chain" else
                                   TreeSpec("dynamic", depth=depth, top_k=top_k or config.tree_top_k,
                                            budget=budget or config.tree_budget))
         self.tree_spec = self.default_tree_spec
-        self.draft = draft.eval()
+        self.draft = draft_layer.eval()
         self.target_features = tuple(config.feature_layers)
         self._embed = None
         self._keys = self._values = None
