@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from ..engine.cache import full_history_cache
-from ..engine.dynamic_tree import TreeSpec, grow_dynamic_tree, node_path
+from ..engine.dynamic_tree import TreeSpec, grow_dynamic_tree, node_path, tree_rows_mask
 from ..engine.siblings import draw_siblings
 from ..engine.target import forward_with_mask
 from ..engine.tree import DraftTree
@@ -163,18 +163,7 @@ class DraftModelDrafter(Drafter):
 
     def _run_draft_on_nodes(self, nodes: list[int], tokens: list[int], parents: list[int],
                             cache_row: dict[int, int], committed: int) -> torch.Tensor:
-        past = self._cache.get_seq_length()
-        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
-        allowed[:, :committed] = True
-        depths = []
-        for row, node in enumerate(nodes):
-            allowed[row, past + row] = True
-            ancestor, depth = parents[node], 1
-            while ancestor >= 0:
-                allowed[row, cache_row[ancestor]] = True
-                ancestor, depth = parents[ancestor], depth + 1
-            depths.append(depth)
-            cache_row[node] = past + row
+        allowed, depths = tree_rows_mask(nodes, parents, cache_row, self._cache.get_seq_length(), committed)
         device = self._cached_ids.device
         node_tokens = torch.tensor([[tokens[node] for node in nodes]], device=device)
         positions = committed - 1 + torch.tensor([depths], device=device)

@@ -95,6 +95,40 @@ def node_path(node: int, tokens: list[int], parents: list[int]) -> list[int]:
     return path[::-1]
 
 
+def grown_tree_for_call(requested: TreeSpec | None, default: TreeSpec, drafter: str,
+                        max_depth: int | None = None) -> TreeSpec:
+    """The tree a drafter that grows trees from its own distributions (chains or dynamic trees, no static ones)
+    drafts for one ``generate(tree=..., tree_depth=...)`` call; ``max_depth`` caps the depth."""
+    if requested is None:
+        return default
+    depth = requested.depth or default.depth
+    depth = min(depth, max_depth) if max_depth else depth
+    if requested.shape == "chain":
+        return TreeSpec("chain", depth=depth, top_k=1, budget=depth)
+    if requested.shape == "static":
+        raise ValueError(f"{drafter} grows trees from its own distributions: use tree='dynamic' or 'chain'.")
+    return TreeSpec("dynamic", depth=depth, top_k=requested.top_k, budget=requested.budget)
+
+
+def tree_rows_mask(nodes: list[int], parents: list[int], cache_row: dict[int, int], past: int,
+                   committed: int) -> tuple[torch.Tensor, list[int]]:
+    """For a drafter with its own KV cache that runs one tree level as new rows after ``past`` cached ones (the
+    first ``committed`` being the committed prefix): the ``(rows, past + rows)`` attention mask (each row sees the
+    prefix, its ancestors' rows and itself) and each node's depth. Records each node's row in ``cache_row``."""
+    allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+    allowed[:, :committed] = True
+    depths = []
+    for row, node in enumerate(nodes):
+        allowed[row, past + row] = True
+        ancestor, depth = parents[node], 1
+        while ancestor >= 0:
+            allowed[row, cache_row[ancestor]] = True
+            ancestor, depth = parents[ancestor], depth + 1
+        depths.append(depth)
+        cache_row[node] = past + row
+    return allowed, depths
+
+
 def _keep_best(tokens: list[int], parents: list[int], scores: list[float], budget: int, device) -> DraftTree:
     """The ``budget`` highest-scoring nodes; a parent never scores below its child, so ties go to the parent."""
     order = sorted(range(len(tokens)), key=lambda node: (-scores[node], node))[:budget]

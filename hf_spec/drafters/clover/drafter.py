@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, node_path
+from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, grown_tree_for_call, node_path
 from ...engine.tree import DraftTree
 from ..base import Drafter, DraftRequest
 from .model import CloverHeads
@@ -70,20 +70,11 @@ class CloverDrafter(Drafter):
         first = next(self.heads.parameters())
         if first.device != weight.device or first.dtype != weight.dtype:
             self.heads.to(device=weight.device, dtype=weight.dtype)
-        self.tree_spec = self._spec_for_call(tree_spec)
+        self.tree_spec = grown_tree_for_call(tree_spec, self.default_tree_spec, "CloverDrafter",
+                                             max_depth=self.heads.config.num_heads)
         self._embed = target.get_input_embeddings()
         self._prefix_keys = self._prefix_values = None
         self._anchor = None
-
-    def _spec_for_call(self, tree_spec: TreeSpec | None) -> TreeSpec:
-        if tree_spec is None:
-            return self.default_tree_spec
-        depth = min(tree_spec.depth or self.default_tree_spec.depth, self.heads.config.num_heads)
-        if tree_spec.shape == "chain":
-            return TreeSpec("chain", depth=depth, top_k=1, budget=depth)
-        if tree_spec.shape == "static":
-            raise ValueError("CloverDrafter grows trees from its heads' distributions: use tree='dynamic' or 'chain'.")
-        return TreeSpec("dynamic", depth=depth, top_k=tree_spec.top_k, budget=tree_spec.budget)
 
     @torch.no_grad()
     def propose(self, request: DraftRequest) -> DraftTree:

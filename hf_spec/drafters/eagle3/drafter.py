@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, node_path
+from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, grown_tree_for_call, node_path, tree_rows_mask
 from ...engine.tree import DraftTree
-from ..base import Drafter, DraftRequest
+from ..base import DraftRequest, Drafter
 from .model import Eagle3Draft
 
 
@@ -73,20 +73,10 @@ class Eagle3Drafter(Drafter):
         first = next(self.draft.parameters())
         if first.device != weight.device or first.dtype != weight.dtype:
             self.draft.to(device=weight.device, dtype=weight.dtype)
-        self.tree_spec = self._spec_for_call(tree_spec)
+        self.tree_spec = grown_tree_for_call(tree_spec, self.default_tree_spec, "Eagle3Drafter")
         self._embed = target.get_input_embeddings()
         self._keys, self._values = self.draft.empty_cache(weight.device)
         self._root_output = None
-
-    def _spec_for_call(self, tree_spec: TreeSpec | None) -> TreeSpec:
-        if tree_spec is None:
-            return self.default_tree_spec
-        depth = tree_spec.depth or self.default_tree_spec.depth
-        if tree_spec.shape == "chain":
-            return TreeSpec("chain", depth=depth, top_k=1, budget=depth)
-        if tree_spec.shape == "static":
-            raise ValueError("Eagle3Drafter grows trees from its own distributions: use tree='dynamic' or 'chain'.")
-        return TreeSpec("dynamic", depth=depth, top_k=tree_spec.top_k, budget=tree_spec.budget)
 
     @torch.no_grad()
     def propose(self, request: DraftRequest) -> DraftTree:
@@ -134,18 +124,8 @@ class Eagle3Drafter(Drafter):
         """One tree level: each node's row reads its parent's output and its own token; rows see the committed
         prefix, their ancestors and themselves."""
         device = self._keys.device
-        past = self._keys.shape[2]
-        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool, device=device)
-        allowed[:, :committed] = True
-        depths = []
-        for row, node in enumerate(nodes):
-            allowed[row, past + row] = True
-            ancestor, depth = parents[node], 1
-            while ancestor >= 0:
-                allowed[row, cache_row[ancestor]] = True
-                ancestor, depth = parents[ancestor], depth + 1
-            depths.append(depth)
-            cache_row[node] = past + row
+        allowed, depths = tree_rows_mask(nodes, parents, cache_row, self._keys.shape[2], committed)
+        allowed = allowed.to(device)
         hidden = torch.stack([outputs[parents[node]] for node in nodes])[None]
         embeddings = self._embed(torch.tensor([[tokens[node] for node in nodes]], device=device)).to(hidden.dtype)
         positions = (committed - 1 + torch.tensor(depths, device=device))[None]

@@ -57,9 +57,11 @@ class CloverMethod(TrainingMethod):
         problems = [f"clover.{name} must be a positive integer, got {getattr(section, name)!r}"
                     for name in ("num_heads", "tree_top_k", "tree_budget") if not _positive_int(getattr(section, name))]
         if section.feature_layer is not None and not _positive_int(section.feature_layer):
-            problems.append(f"clover.feature_layer must be null or the target's layer count, got {section.feature_layer!r}")
+            problems.append("clover.feature_layer must be null or the target's layer count, "
+                            f"got {section.feature_layer!r}")
         if section.draft_vocab_size is not None and not _positive_int(section.draft_vocab_size):
-            problems.append(f"clover.draft_vocab_size must be a positive integer or null, got {section.draft_vocab_size!r}")
+            problems.append("clover.draft_vocab_size must be a positive integer or null, "
+                            f"got {section.draft_vocab_size!r}")
         if section.draft_vocab and not (Path(section.draft_vocab) / VOCAB_WEIGHTS_NAME).is_file():
             problems.append(f"clover.draft_vocab: {section.draft_vocab} holds no {VOCAB_WEIGHTS_NAME}; make one with "
                             "python -m hf_spec.training.vocab_selection --config <this recipe> --size N --out <folder>")

@@ -20,7 +20,7 @@ from ...drafters.clover import CloverHeads
 from ...engine.features import FINAL
 from ..feature_cache import compute_features, feature_key
 from ..losses import head_loss_weights, soft_cross_entropy_to_probs
-from .step_predictions import StepPredictions
+from .step_predictions import StepPredictions, predicted_target_tokens, teacher_labels
 
 
 class CloverObjective(nn.Module):
@@ -51,31 +51,10 @@ class CloverObjective(nn.Module):
         dtype = self.draft.lm_head.weight.dtype
         return given[names[0]].to(dtype), given[names[1]]
 
-    @torch.no_grad()
-    def _teacher(self, final_hidden, labels):
-        rows, positions = labels
-        lm_head = self.target.get_output_embeddings()
-        logits = lm_head(final_hidden[rows, positions - 1].to(lm_head.weight.dtype)).float()
-        cap = self.draft.config.logit_softcapping
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        probs = torch.softmax(logits, dim=-1)
-        reference = probs.argmax(-1)
-        vocabulary = self.draft.draft_vocab
-        if vocabulary is not None:
-            probs = probs.index_select(-1, vocabulary.draft_to_target_on(probs.device))
-        return probs, reference
-
     def unrolled(self, input_ids, attention_mask, loss_mask, **features) -> list[StepPredictions]:
         """Each head's predictions at the anchors whose label exists, and its feature-regression loss inputs."""
         hidden, final_hidden = self._features(input_ids, attention_mask, features)
-        label_mask = loss_mask.bool() & attention_mask.bool()
-        labels = label_mask.nonzero(as_tuple=True)
-        keep = labels[1] >= 2
-        labels = (labels[0][keep], labels[1][keep])
-        teacher_probs, reference = self._teacher(final_hidden, labels)
-        index_of = torch.full(label_mask.shape, -1, dtype=torch.long, device=label_mask.device)
-        index_of[labels] = torch.arange(labels[0].shape[0], device=label_mask.device)
+        labels = teacher_labels(self.target, self.draft, final_hidden, attention_mask, loss_mask)
 
         batch, length = input_ids.shape
         device = input_ids.device
@@ -94,22 +73,18 @@ class CloverObjective(nn.Module):
             token_allowed = (keys[None, :] >= anchors[:, None] + 1) & (keys[None, :] <= newest[:, None])
             state = heads.step(state, newest.expand(batch, -1), token_keys, token_values, token_allowed, prefix_keys,
                                prefix_values, prefix_allowed)
-            predictions.append(self._predictions(head, state, hidden, index_of, teacher_probs, reference))
+            predictions.append(self._predictions(head, state, hidden, labels))
         return predictions
 
-    def _predictions(self, head, state, hidden, index_of, teacher_probs, reference) -> StepPredictions:
-        label_index = index_of[:, 2 + head:]
-        rows, anchors = (label_index >= 0).nonzero(as_tuple=True)
-        chosen = label_index[rows, anchors]
+    def _predictions(self, head, state, hidden, labels) -> StepPredictions:
+        rows, anchors, chosen = labels.at(head)
         feature_loss = (F.smooth_l1_loss(state[rows, anchors].float(), hidden[rows, anchors + 1 + head].float())
                         if rows.numel() else None)
         return StepPredictions(head, rows, anchors, self.draft.logits(head, state[rows, anchors]),
-                               teacher_probs[chosen], reference[chosen], feature_loss)
+                               labels.probs[chosen], labels.reference[chosen], feature_loss)
 
     def predicted_tokens(self, prediction: StepPredictions) -> torch.Tensor:
-        top = prediction.logits.argmax(-1)
-        vocabulary = self.draft.draft_vocab
-        return top if vocabulary is None else vocabulary.to_target_ids(top)
+        return predicted_target_tokens(self.draft, prediction.logits)
 
     def forward(self, input_ids, attention_mask, loss_mask, **features) -> dict[str, torch.Tensor]:
         predictions = self.unrolled(input_ids, attention_mask, loss_mask, **features)

@@ -25,7 +25,7 @@ from ...drafters.eagle3 import Eagle3Draft
 from ...engine.features import FINAL
 from ..feature_cache import compute_features, feature_key
 from ..losses import head_loss_weights, soft_cross_entropy_to_probs
-from .step_predictions import StepPredictions
+from .step_predictions import StepPredictions, predicted_target_tokens, teacher_labels
 
 
 class Eagle3Objective(nn.Module):
@@ -64,34 +64,11 @@ class Eagle3Objective(nn.Module):
         fused = torch.cat([given[name] for name in names[:-1]], dim=-1).to(dtype)
         return fused, given[names[-1]]
 
-    @torch.no_grad()
-    def _teacher(self, final_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For label positions ``(rows, positions)``: the target's probabilities of the draft tokens, and its argmax
-        (from its logits one position earlier)."""
-        rows, positions = labels
-        lm_head = self.target.get_output_embeddings()
-        logits = lm_head(final_hidden[rows, positions - 1].to(lm_head.weight.dtype)).float()
-        cap = self.draft.config.logit_softcapping
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        probs = torch.softmax(logits, dim=-1)
-        reference = probs.argmax(-1)
-        vocabulary = self.draft.draft_vocab
-        if vocabulary is not None:
-            probs = probs.index_select(-1, vocabulary.draft_to_target_on(probs.device))
-        return probs, reference
-
     # ------------------------------------------------------------------ the unrolled draft
     def unrolled(self, input_ids, attention_mask, loss_mask, **features) -> list[StepPredictions]:
         """Run the ``steps`` drafting steps over the batch; per step, the predictions at positions with a label."""
         fused, final_hidden = self._features(input_ids, attention_mask, features)
-        label_mask = loss_mask.bool() & attention_mask.bool()
-        labels = label_mask.nonzero(as_tuple=True)
-        keep = labels[1] >= 2  # a label needs an anchor t >= 0 two positions earlier
-        labels = (labels[0][keep], labels[1][keep])
-        teacher_probs, reference = self._teacher(final_hidden, labels)
-        index_of = torch.full(label_mask.shape, -1, dtype=torch.long, device=label_mask.device)
-        index_of[labels] = torch.arange(labels[0].shape[0], device=label_mask.device)
+        labels = teacher_labels(self.target, self.draft, final_hidden, attention_mask, loss_mask)
 
         batch, length = input_ids.shape
         rows = length - 1  # anchors t = 0 .. length - 2
@@ -114,20 +91,14 @@ class Eagle3Objective(nn.Module):
                 own_values.append(v)
                 attended = layer.self_attn.attend_unrolled(q, prefix_keys, prefix_values, own_keys, own_values, causal)
             hidden = layer.finish(hidden, attended)
-            predictions.append(self._predictions(step, hidden, index_of, teacher_probs, reference))
+            batch_rows, anchors, chosen = labels.at(step)
+            logits = self.draft.logits(hidden[batch_rows, anchors])
+            predictions.append(StepPredictions(step, batch_rows, anchors, logits, labels.probs[chosen],
+                                               labels.reference[chosen]))
         return predictions
 
-    def _predictions(self, step, hidden, index_of, teacher_probs, reference) -> StepPredictions:
-        label_index = index_of[:, 2 + step:]  # the label each anchor predicts at this step
-        rows, anchors = (label_index >= 0).nonzero(as_tuple=True)
-        chosen = label_index[rows, anchors]
-        return StepPredictions(step, rows, anchors, self.draft.logits(hidden[rows, anchors]), teacher_probs[chosen],
-                               reference[chosen])
-
     def predicted_tokens(self, prediction: StepPredictions) -> torch.Tensor:
-        top = prediction.logits.argmax(-1)
-        vocabulary = self.draft.draft_vocab
-        return top if vocabulary is None else vocabulary.to_target_ids(top)
+        return predicted_target_tokens(self.draft, prediction.logits)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask, loss_mask, **features) -> dict[str, torch.Tensor]:

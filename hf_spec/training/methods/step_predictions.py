@@ -15,6 +15,53 @@ UNLABELLED = -1
 
 
 @dataclass
+class TeacherLabels:
+    """The positions a drafter is trained to predict and what the target says about them.
+
+    ``index_of[b, p]`` is the label number of position ``p`` of row ``b`` (``UNLABELLED`` where there is none);
+    ``probs[i]`` the target's probabilities of the draft vocabulary's tokens there, ``reference[i]`` its greedy token.
+    """
+
+    index_of: torch.Tensor
+    probs: torch.Tensor
+    reference: torch.Tensor
+
+    def at(self, step: int):
+        """``(rows, anchors, label numbers)`` of the anchors ``t`` whose position ``t + 2 + step`` has a label."""
+        label_index = self.index_of[:, 2 + step:]
+        rows, anchors = (label_index >= 0).nonzero(as_tuple=True)
+        return rows, anchors, label_index[rows, anchors]
+
+
+@torch.no_grad()
+def teacher_labels(target, draft, final_hidden, attention_mask, loss_mask) -> TeacherLabels:
+    """Labels at the assistant positions ``p >= 2`` (a label needs an anchor ``t = p - 2 >= 0``): the target's
+    distribution of the token there, from its post-norm state one position earlier through its ``lm_head`` (with
+    ``draft.config.logit_softcapping``), restricted to ``draft.draft_vocab`` when there is one (not renormalised)."""
+    label_mask = loss_mask.bool() & attention_mask.bool()
+    label_mask[:, :2] = False
+    rows, positions = label_mask.nonzero(as_tuple=True)
+    lm_head = target.get_output_embeddings()
+    logits = lm_head(final_hidden[rows, positions - 1].to(lm_head.weight.dtype)).float()
+    cap = draft.config.logit_softcapping
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    probs = torch.softmax(logits, dim=-1)
+    reference = probs.argmax(-1)
+    if draft.draft_vocab is not None:
+        probs = probs.index_select(-1, draft.draft_vocab.draft_to_target_on(probs.device))
+    index_of = torch.full(label_mask.shape, UNLABELLED, dtype=torch.long, device=label_mask.device)
+    index_of[rows, positions] = torch.arange(rows.shape[0], device=label_mask.device)
+    return TeacherLabels(index_of, probs, reference)
+
+
+def predicted_target_tokens(draft, logits: torch.Tensor) -> torch.Tensor:
+    """The draft's top-1 of ``logits`` as target ids (mapped back from its draft vocabulary, if any)."""
+    top = logits.argmax(-1)
+    return top if draft.draft_vocab is None else draft.draft_vocab.to_target_ids(top)
+
+
+@dataclass
 class StepPredictions:
     """Step ``j``'s logits at the rows with a label, and what the target says about those labels."""
 
