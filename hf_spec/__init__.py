@@ -8,6 +8,7 @@ from .engine.drafter import DraftRequest, Drafter, StepOutcome
 from .drafters.draft_model import DraftModelDrafter
 from .drafters.clover import CloverConfig, CloverDrafter, CloverHeads
 from .drafters.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Drafter
+from .drafters.falcon import FalconConfig, FalconDraft, FalconDrafter
 from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .engine.loop import allow_model_type, speculative_generate
@@ -29,6 +30,9 @@ __all__ = [
     "Eagle3Config",
     "Eagle3Draft",
     "Eagle3Drafter",
+    "FalconConfig",
+    "FalconDraft",
+    "FalconDrafter",
     "GenerationStats",
     "MedusaConfig",
     "MedusaDrafter",

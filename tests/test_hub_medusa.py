@@ -311,7 +311,8 @@ def test_published_names_are_hub_ids_never_cache_folders(tmp_path):
     assert "base_model" not in (adapter / "README.md").read_text()
 
 
-@pytest.mark.parametrize("module, drafter", [("Eagle3Draft", "Eagle3Drafter"), ("CloverHeads", "CloverDrafter")])
+@pytest.mark.parametrize("module, drafter", [("Eagle3Draft", "Eagle3Drafter"), ("CloverHeads", "CloverDrafter"),
+                                             ("FalconDraft", "FalconDrafter")])
 def test_autoregressive_drafters_push_and_load_by_id_with_their_draft_vocabulary(tmp_path, module, drafter):
     with LocalHub() as hub:
         result = run_python(f"""

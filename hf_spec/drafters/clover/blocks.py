@@ -27,12 +27,12 @@ def _heads(x: torch.Tensor, count: int, size: int) -> torch.Tensor:
     return x.view(batch, rows, count, size).transpose(1, 2)
 
 
-def _merge(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     batch, count, rows, size = x.shape
     return x.transpose(1, 2).reshape(batch, rows, count * size)
 
 
-class _Projections(nn.Module):
+class GroupedQueryProjections(nn.Module):
     """Query, key, value and output projections of grouped-query attention with rotary positions."""
 
     def __init__(self, config, bias: bool):
@@ -64,7 +64,7 @@ class RegressiveConnection(nn.Module):
         super().__init__()
         self.state_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.token_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = _Projections(config, bias=False)
+        self.attn = GroupedQueryProjections(config, bias=False)
 
     def token_keys(self, embeddings: torch.Tensor, positions: torch.Tensor):
         """Keys and values of token embeddings ``(batch, tokens, H)`` at ``positions`` ``(batch, tokens)``."""
@@ -76,7 +76,7 @@ class RegressiveConnection(nn.Module):
         q = attn.query(self.state_norm(state), positions)
         mask = allowed if allowed.dim() == 4 else allowed[None, None]
         out = F.scaled_dot_product_attention(q, attn.expand(keys), attn.expand(values), attn_mask=mask)
-        return state + attn.o_proj(_merge(out))
+        return state + attn.o_proj(merge_heads(out))
 
 
 class AttentionDecoder(nn.Module):
@@ -85,7 +85,7 @@ class AttentionDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = _Projections(config, bias=config.attention_bias)
+        self.self_attn = GroupedQueryProjections(config, bias=config.attention_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DraftMLP(config.hidden_size, config.intermediate_size)
 
@@ -105,7 +105,7 @@ class AttentionDecoder(nn.Module):
         own_scores = (q * attn.expand(own_keys)).sum(-1, keepdim=True) * scale
         weights = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).float(), dim=-1).to(q.dtype)
         out = weights[..., :-1] @ attn.expand(prefix_values) + weights[..., -1:] * attn.expand(own_values)
-        state = state + attn.o_proj(_merge(out))
+        state = state + attn.o_proj(merge_heads(out))
         return state + self.mlp(self.post_attention_layernorm(state))
 
 
