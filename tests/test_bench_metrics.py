@@ -91,3 +91,24 @@ def test_markdown_table_has_spec_bench_layout_and_shows_slowdowns():
     assert lines[4] == "| plain | 1.00x | 1.00x | 1.00 |"
     assert lines[5] == "| slow (lossy) | 0.50x | 0.50x | 1.25 |"
     assert "Not measured: x (needs a draft model)." in table
+
+
+def test_per_depth_acceptance_pools_every_step_of_a_method_and_is_tabulated():
+    from hf_spec.bench.report import markdown
+    from hf_spec.engine.stats import GenerationStats
+
+    stats = GenerationStats()
+    for accepted in (0, 1, 3, 3):
+        stats.record_step(drafted=4, accepted=accepted, emitted=accepted + 1)
+    assert stats.steps_by_accepted == {0: 1, 1: 1, 3: 2}
+    assert [stats.accepted_at_least(d) for d in (1, 2, 3, 4)] == [0.75, 0.5, 0.5, 0.0]
+    tree = record("tree", "code", 0, 1.0, 12, 4)
+    tree.steps_by_accepted = dict(stats.steps_by_accepted)
+    other = record("tree", "qa", 0, 1.0, 2, 2)
+    other.steps_by_accepted = {"0": 2}  # as read back from results.json
+    rows = summarize([record("plain", "code", 0, 1.0, 10, 10), tree, other], ["plain", "tree"], ["code", "qa"], "plain")
+    assert rows[0]["accepted_at_least"] is None  # steps it cannot see (transformers' methods, plain)
+    assert rows[1]["accepted_at_least"] == pytest.approx([3 / 6, 2 / 6, 2 / 6])
+    table = markdown(rows, ["code", "qa"], "header", greedy=False)
+    assert "| Method | d=1 | d=2 | d=3 |" in table and "| tree | 0.50 | 0.33 | 0.33 |" in table
+    assert "| plain | " not in table.split("at least *d*")[1]

@@ -44,6 +44,7 @@ class Measurement:
     accepted_tokens: int
     drafted_tokens: int | None = None
     identical: bool | None = None  # to the baseline, for greedy runs
+    steps_by_accepted: dict[int, int] | None = None  # hf_spec methods: steps by accepted draft tokens
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,8 +118,10 @@ def run_once(method: Method, item: BenchItem, counter: ForwardCounter, repeat: i
     if method.drafter is not None:
         stats = method.drafter.stats
         forwards, accepted, drafted = stats.target_forwards, stats.accepted_tokens, stats.drafted_tokens
+        histogram = dict(stats.steps_by_accepted)
     else:
         forwards = counter.calls
-        accepted, drafted = max(len(tokens) - forwards, 0), None
-    record = Measurement(method.name, item.id, item.group, repeat, seconds, len(tokens), forwards, accepted, drafted)
+        accepted, drafted, histogram = max(len(tokens) - forwards, 0), None, None
+    record = Measurement(method.name, item.id, item.group, repeat, seconds, len(tokens), forwards, accepted, drafted,
+                         steps_by_accepted=histogram)
     return record, tokens

@@ -6,6 +6,9 @@ Spec-Bench (Xia et al. 2024) reports, per task group and overall:
 - mean accepted tokens (tau): tokens emitted per target decoding step, i.e. accepted draft tokens
   plus the target's own token; 1.0 for plain decoding.
 
+Beside them, per-depth acceptance (EAGLE's and Medusa's per-head figure): the share of target steps that
+accepted at least ``d`` draft tokens, for each ``d``, for methods whose steps hf_spec sees.
+
 Here tokens per second of a set of generations is their total new tokens over their total wall time.
 Speedup is computed per repetition, against the baseline's generations of the same repetition (same
 inputs, measured minutes apart), and the median over repetitions is reported, which resists a
@@ -19,7 +22,10 @@ import statistics
 from collections import defaultdict
 from typing import Iterable
 
+from ..engine.stats import accepted_at_least
 from .measure import Measurement
+
+MAX_REPORTED_DEPTH = 8
 
 OVERALL = "overall"
 
@@ -76,5 +82,19 @@ def summarize(measurements: list[Measurement], methods: list[str], groups: list[
             OVERALL: cell(method, OVERALL),
             "identical": all(checked) if checked else None,
             "mismatched_generations": checked.count(False),
+            "accepted_at_least": acceptance_by_depth([record for record in measurements if record.method == method]),
         })
     return rows
+
+
+def acceptance_by_depth(records: Iterable[Measurement], max_depth: int = MAX_REPORTED_DEPTH) -> list[float] | None:
+    """Per-depth acceptance: entry ``d - 1`` is the share of target steps that accepted at least ``d`` draft tokens,
+    over every generation of ``records`` (None for methods whose steps hf_spec cannot see)."""
+    histogram: dict[int, int] = defaultdict(int)
+    for record in records:
+        for accepted, count in (record.steps_by_accepted or {}).items():
+            histogram[int(accepted)] += count
+    if not histogram:
+        return None
+    deepest = min(max(histogram), max_depth)
+    return [accepted_at_least(histogram, depth) for depth in range(1, deepest + 1)]

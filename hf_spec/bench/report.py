@@ -46,7 +46,22 @@ def markdown(rows: list[dict], groups: list[str], header: str, greedy: bool,
     lines += ["", f"Baseline ({_row_name(baseline, labels)}): {baseline[OVERALL]['tokens_per_second']:.1f} tokens/s "
                   "overall (median over repetitions); speedups are ratios to it within each repetition, median over "
                   "repetitions."]
+    lines += depth_table(rows, labels)
     return "\n".join(lines + _notes(skipped, mismatches, tokenizer, labels)) + "\n"
+
+
+def depth_table(rows: list[dict], labels: dict[str, str] | None = None) -> list[str]:
+    """Per-depth acceptance of the methods that report it: the share of target steps accepting >= d drafts."""
+    measured = [row for row in rows if row.get("accepted_at_least")]
+    if not measured:
+        return []
+    depth = max(len(row["accepted_at_least"]) for row in measured)
+    lines = ["", "Share of target steps that accepted at least *d* draft tokens (all task groups):", "",
+             "| Method | " + " | ".join(f"d={d}" for d in range(1, depth + 1)) + " |", "|---|" + "---:|" * depth]
+    for row in measured:
+        shares = row["accepted_at_least"] + [0.0] * (depth - len(row["accepted_at_least"]))
+        lines.append(f"| {_row_name(row, labels)} | " + " | ".join(f"{share:.2f}" for share in shares) + " |")
+    return lines
 
 
 def demo_markdown(rows: list[dict], header: str, greedy: bool, skipped: dict[str, str] | None = None,

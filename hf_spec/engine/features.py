@@ -1,7 +1,7 @@
 """Target features: the hidden states of chosen target layers, captured during forwards the engine runs anyway.
 
-Feature-level drafters read them: Medusa the last hidden state after the final norm, Clover-2 and
-Falcon the last one before it, EAGLE-3 a low, a middle and a high layer (Li et al. 2025, "EAGLE-3:
+Feature-level drafters read them: Medusa and Falcon the last hidden state after the final norm, Clover-2
+the last one before it, EAGLE-3 a low, a middle and a high layer (Li et al. 2025, "EAGLE-3:
 Scaling up Inference Acceleration of Large Language Models via Training-Time Test").
 
 Layer names follow transformers' ``output_hidden_states`` indexing, always *before* the final norm:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -10,19 +10,26 @@ class GenerationStats:
     """Counts of one generate() call; read them from ``drafter.stats`` afterwards.
 
     ``mean_accepted_tokens`` is Spec-Bench's tau: tokens emitted per target verification forward
-    (accepted draft tokens plus the target's own token), 1.0 for plain decoding.
+    (accepted draft tokens plus the target's own token), 1.0 for plain decoding. ``steps_by_accepted[a]``
+    counts the steps that accepted exactly ``a`` draft tokens (per-depth acceptance: ``accepted_at_least``).
     """
 
     target_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     new_tokens: int = 0
+    steps_by_accepted: dict[int, int] = field(default_factory=dict)
 
     def record_step(self, drafted: int, accepted: int, emitted: int) -> None:
         self.target_forwards += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.new_tokens += emitted
+        self.steps_by_accepted[accepted] = self.steps_by_accepted.get(accepted, 0) + 1
+
+    def accepted_at_least(self, depth: int) -> float:
+        """The share of steps that accepted at least ``depth`` draft tokens (depth ``d`` of the draft was right)."""
+        return accepted_at_least(self.steps_by_accepted, depth)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -35,3 +42,9 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {**asdict(self), "mean_accepted_tokens": self.mean_accepted_tokens,
                 "acceptance_rate": self.acceptance_rate}
+
+
+def accepted_at_least(steps_by_accepted: dict[int, int], depth: int) -> float:
+    """From counts of steps by accepted draft tokens: the share of steps that accepted at least ``depth``."""
+    steps = sum(steps_by_accepted.values())
+    return sum(count for accepted, count in steps_by_accepted.items() if int(accepted) >= depth) / steps if steps else 0.0
