@@ -24,6 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", dest="preset", action="store_const", const="quick", help="same as --preset quick")
     _add_bench_arguments(bench)
 
+    cost = commands.add_parser(
+        "cost", help="the target's cost curve c(k)/c(1): a forward over k new tokens against a one-token forward "
+        "(results.json + results.md)")
+    cost.add_argument("--target", default="hf_spec:smollm2-135m-instruct", help="model (same naming as bench)")
+    cost.add_argument("--dtype", default="float32")
+    cost.add_argument("--new-tokens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
+    cost.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024], help="cached tokens")
+    cost.add_argument("--repeats", type=int, default=5, help="timed forwards per point (median reported)")
+    cost.add_argument("--threads", type=int, help="torch threads (default: all logical CPUs)")
+    cost.add_argument("--out", help="output folder (default outputs/cost/<target>)")
+
     from .training.prepare_data import add_arguments as add_prepare_data_arguments
 
     prepare_data = commands.add_parser(
@@ -42,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("demo", "bench"):
         return _run_bench(args, preset="demo" if args.command == "demo" else args.preset)
+    if args.command == "cost":
+        return _run_cost(args)
     if args.command == "prepare-data":
         from .training.prepare_data import run_from_arguments
 
@@ -57,6 +70,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{MODEL_PREFIX}{name}")
     else:
         print(offline_models.model_path(args.name))
+    return 0
+
+
+def _run_cost(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    from .bench.cost import cost_curve, markdown
+    from .bench.environment import cpu_name, environment
+    from .models import resolve_model
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.target), dtype=getattr(torch, args.dtype)).eval()
+    curve = cost_curve(model, contexts=args.contexts, new_tokens=args.new_tokens, repeats=args.repeats)
+    folder = Path(args.out or f"outputs/cost/{args.target.replace(':', '-').replace('/', '-')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"target": args.target, "dtype": args.dtype, "threads": threads, "environment": environment(threads),
+               "cost_curves": [curve]}
+    (folder / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown(curve, f"**hf-spec cost** - target `{args.target}` ({args.dtype}), {curve['backend']} kernels; "
+                            f"median of {args.repeats} forwards per point; torch threads {threads}; {cpu_name()}.")
+    (folder / "results.md").write_text(table)
+    print(table)
+    print(f"[hf_spec cost] wrote {folder / 'results.json'} and {folder / 'results.md'}")
     return 0
 
 

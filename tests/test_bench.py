@@ -106,6 +106,15 @@ def test_end_to_end_flags_broken_method(tmp_path, monkeypatch, capsys):
     assert "differs from plain generate() on prompt chat/1/turn2" in table
     assert result.files["plot"].read_bytes().startswith(b"\x89PNG")
 
+    # The target's cost curve after the run, in the header; per-depth acceptance of hf_spec's methods.
+    curve = payload["cost_curve"]
+    (context, values), = curve["contexts"].items()
+    assert int(context) == sorted(item["prompt_tokens"] for item in payload["items"])[1]  # the median prompt
+    assert list(values["ratio"]) == ["1", "2", "4", "8", "16"] and values["ratio"]["1"] == 1.0
+    assert "Target forward cost c(k)/c(1), default kernels, after" in table
+    assert "Share of target steps that accepted at least *d* draft tokens" in table
+    assert "| PromptLookupDrafter | " in table.split("at least *d*")[1]
+
 
 def test_cli_with_yaml_config_on_a_local_model_folder(tmp_path, capsys):
     tokenizer = byte_tokenizer()

@@ -47,6 +47,7 @@ class BenchConfig:
     progress: bool = True
     labels: dict[str, str] = field(default_factory=dict)  # method name -> the name its table row shows
     table: str = "spec_bench"  # "spec_bench": speedup per task group; "demo": one compact row per method
+    cost_curve: bool = True  # measure the target's c(k)/c(1) after the run (hf_spec.bench.cost) and show it
 
     @property
     def greedy(self) -> bool:

@@ -96,5 +96,5 @@ def acceptance_by_depth(records: Iterable[Measurement], max_depth: int = MAX_REP
             histogram[int(accepted)] += count
     if not histogram:
         return None
-    deepest = min(max(histogram), max_depth)
+    deepest = min(max(1, max(histogram)), max_depth)
     return [accepted_at_least(histogram, depth) for depth in range(1, deepest + 1)]

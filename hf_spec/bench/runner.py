@@ -11,6 +11,7 @@ repetitions in interleaved order, check greedy outputs against plain decoding, s
 from __future__ import annotations
 
 import hashlib
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from hf_spec.drafters.early_exit import early_exit_model
 from hf_spec.models import load_model
 
 from .config import BenchConfig
+from .cost import cost_curve, curve_line
 from .environment import cpu_name, environment, load_average, model_info
 from .identity import Mismatch, check_identity, explain
 from .measure import Measurement, measure, warm_up
@@ -33,6 +35,7 @@ from .report import demo_markdown, markdown, plot, unique_mismatches, write_json
 from .tasks import Prompt, load_tasks
 
 BUSY_LOAD = 1.0  # other processes keeping more than one core busy
+BENCH_COST_TOKENS = (1, 2, 4, 8, 16)  # the cost curve the header shows
 FULL_TABLES = ("Full tables, every method and task group: `hf-spec bench` (`--quick`: about 5 minutes; "
                "`--config configs/bench/<model>.yaml`: the README's tables; `--list-methods`: what it compares).")
 
@@ -86,6 +89,10 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     for row, method in zip(rows, methods):
         row["lossless"] = method.lossless
     header = _header(config, target_label, draft_label, prompts, items, env)
+    curve = _cost_curve(target, items) if config.cost_curve else None
+    if curve is not None:
+        line = curve_line(curve)
+        header += f" {line[0].upper()}{line[1:]}."
     if config.table == "demo":
         table = demo_markdown(rows, header, config.greedy, skipped, mismatches, tokenizer, config.labels, FULL_TABLES)
     else:
@@ -96,6 +103,7 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
         "environment": {**env, "load_average_after": load_average()},
         "models": {"target": model_info(target, target_label), "draft": _draft_info(draft, draft_label, config)},
         "generation": generation,
+        "cost_curve": curve,
         "methods": [_method_info(method) for method in methods],
         "skipped_methods": skipped,
         "items": [_item_info(item, outputs, tokenizer) for item in items],
@@ -160,6 +168,12 @@ def _item_info(item: BenchItem, outputs: dict, tokenizer) -> dict:
     tokens = outputs[(BASELINE, item.id, 0)]
     return {"id": item.id, "group": item.group, "prompt_tokens": item.input_ids.shape[1], "messages": item.messages,
             "baseline_output": tokenizer.decode(tokens, skip_special_tokens=True)}
+
+
+def _cost_curve(target, items: list[BenchItem]) -> dict:
+    """The target's cost curve after as many cached tokens as the run's median prompt, in the run's machine state."""
+    context = int(statistics.median(item.input_ids.shape[1] for item in items))
+    return cost_curve(target, contexts=(context,), new_tokens=BENCH_COST_TOKENS, repeats=3)
 
 
 def _header(config: BenchConfig, target_label: str, draft_label: str, prompts: list[Prompt],

@@ -47,4 +47,6 @@ class GenerationStats:
 def accepted_at_least(steps_by_accepted: dict[int, int], depth: int) -> float:
     """From counts of steps by accepted draft tokens: the share of steps that accepted at least ``depth``."""
     steps = sum(steps_by_accepted.values())
-    return sum(count for accepted, count in steps_by_accepted.items() if int(accepted) >= depth) / steps if steps else 0.0
+    if not steps:
+        return 0.0
+    return sum(count for accepted, count in steps_by_accepted.items() if int(accepted) >= depth) / steps
