@@ -14,6 +14,7 @@ from .drafters.prompt_lookup import PromptLookupDrafter
 from .engine.loop import allow_model_type, speculative_generate
 from .engine.stats import GenerationStats
 from .engine.tree import DraftTree
+from .cpu_fast_path import accelerate_for_cpu
 from .errors import UnsupportedError
 from .integration import install as _install
 
@@ -40,6 +41,7 @@ __all__ = [
     "PromptLookupDrafter",
     "StepOutcome",
     "UnsupportedError",
+    "accelerate_for_cpu",
     "allow_model_type",
     "speculative_generate",
 ]

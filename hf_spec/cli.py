@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024], help="cached tokens")
     cost.add_argument("--repeats", type=int, default=5, help="timed forwards per point (median reported)")
     cost.add_argument("--threads", type=int, help="torch threads (default: all logical CPUs)")
+    cost.add_argument("--backends", nargs="+", default=["default", "onednn"], choices=["default", "onednn"],
+                      help="default: torch's kernels; onednn: after hf_spec.accelerate_for_cpu (measured in this order)")
     cost.add_argument("--out", help="output folder (default outputs/cost/<target>)")
 
     from .training.prepare_data import add_arguments as add_prepare_data_arguments
@@ -78,24 +80,29 @@ def _run_cost(args) -> int:
     from pathlib import Path
 
     import torch
-
     from transformers import AutoModelForCausalLM
 
     from .bench.cost import cost_curve, markdown
+    from .cpu_fast_path import accelerate_for_cpu
     from .bench.environment import cpu_name, environment
     from .models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.target), dtype=getattr(torch, args.dtype)).eval()
-    curve = cost_curve(model, contexts=args.contexts, new_tokens=args.new_tokens, repeats=args.repeats)
+    curves = []
+    for backend in dict.fromkeys(args.backends):
+        if backend != "default":
+            accelerate_for_cpu(model, backend)
+        curves.append(cost_curve(model, contexts=args.contexts, new_tokens=args.new_tokens, repeats=args.repeats))
     folder = Path(args.out or f"outputs/cost/{args.target.replace(':', '-').replace('/', '-')}")
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"target": args.target, "dtype": args.dtype, "threads": threads, "environment": environment(threads),
-               "cost_curves": [curve]}
+               "cost_curves": curves}
     (folder / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = markdown(curve, f"**hf-spec cost** - target `{args.target}` ({args.dtype}), {curve['backend']} kernels; "
-                            f"median of {args.repeats} forwards per point; torch threads {threads}; {cpu_name()}.")
+    table = "\n".join(markdown(curve, f"**hf-spec cost** - target `{args.target}` ({args.dtype}), {curve['backend']} "
+                                     f"kernels; median of {args.repeats} forwards per point; torch threads {threads}; "
+                                     f"{cpu_name()}.") for curve in curves)
     (folder / "results.md").write_text(table)
     print(table)
     print(f"[hf_spec cost] wrote {folder / 'results.json'} and {folder / 'results.md'}")
@@ -119,6 +126,8 @@ def _add_bench_arguments(bench) -> None:
     bench.add_argument("--threads", type=int, help="torch threads (default: all logical CPUs)")
     bench.add_argument("--seed", type=int)
     bench.add_argument("--out", help="output folder (default outputs/bench/<target>-<mode>)")
+    bench.add_argument("--cpu-fast-path", dest="cpu_fast_path", action="store_true", default=None,
+                       help="hf_spec.accelerate_for_cpu on the target and draft first (oneDNN packed linears)")
     bench.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     bench.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
 

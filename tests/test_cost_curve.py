@@ -22,8 +22,6 @@ def test_cost_curve_is_relative_to_a_one_token_forward_at_each_context():
     assert curve_line(curve).startswith("target forward cost c(k)/c(1), default kernels, after 8 cached tokens: k=2")
     with pytest.raises(ValueError, match="include 1"):
         cost_curve(model, contexts=(8,), new_tokens=(2, 4))
-    with pytest.raises(ValueError, match="Unknown backend"):
-        cost_curve(model, backend="magic")
 
 
 def test_each_forward_sees_the_same_context():

@@ -48,6 +48,7 @@ class BenchConfig:
     labels: dict[str, str] = field(default_factory=dict)  # method name -> the name its table row shows
     table: str = "spec_bench"  # "spec_bench": speedup per task group; "demo": one compact row per method
     cost_curve: bool = True  # measure the target's c(k)/c(1) after the run (hf_spec.bench.cost) and show it
+    cpu_fast_path: bool = False  # hf_spec.accelerate_for_cpu on the target and the draft before measuring anything
 
     @property
     def greedy(self) -> bool:

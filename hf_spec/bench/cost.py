@@ -3,8 +3,8 @@
 Speculation pays when ``tau / c(k)`` beats 1 per drafted step (SmartSpec, Liu et al. 2024, calls the product
 goodput; llama.cpp keeps per-batch cost tables to the same end). ``c(k) = t(k) / t(1)``, where ``t(k)`` is the median
 wall time of one forward of ``k`` new tokens after ``context`` cached ones, the KV cache rolled back after each
-forward so every measurement sees the same context. ``hf-spec cost`` writes the curve into ``results.json``; the
-bench header shows it for the run's target.
+forward so every measurement sees the same context. ``hf-spec cost`` writes the curve of each backend (torch's default
+kernels, then ``hf_spec.accelerate_for_cpu``'s) into ``results.json``; the bench header shows it for the run's target.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import time
 
 import torch
 
+from ..cpu_fast_path import cpu_backend
 from ..engine.cache import full_history_cache, keep_block_rows
 
 DEFAULT_NEW_TOKENS = (1, 2, 4, 8, 16, 32)
 DEFAULT_CONTEXTS = (128, 512)
-BACKENDS = ("default",)  # torch's own kernels; a CPU fast path (issue 15, part 2) adds its backends here
 
 
 @torch.no_grad()
@@ -43,18 +43,16 @@ def forward_seconds(model, context: int, new_tokens: int, repeats: int, seed: in
     return statistics.median(times[1:])
 
 
-def cost_curve(model, contexts=DEFAULT_CONTEXTS, new_tokens=DEFAULT_NEW_TOKENS, repeats: int = 5,
-               backend: str = "default") -> dict:
-    """``{"backend", "contexts": {context: {"seconds": {k: t(k)}, "ratio": {k: c(k)}}}}`` for ``model``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; available: {BACKENDS}.")
+def cost_curve(model, contexts=DEFAULT_CONTEXTS, new_tokens=DEFAULT_NEW_TOKENS, repeats: int = 5) -> dict:
+    """``{"backend", "contexts": {context: {"seconds": {k: t(k)}, "ratio": {k: c(k)}}}}`` for ``model`` as it is
+    (``backend``: ``"default"``, or the fast path ``hf_spec.accelerate_for_cpu`` applied to it)."""
     if 1 not in new_tokens:
         raise ValueError("The cost curve is relative to a one-token forward: new_tokens must include 1.")
     curve = {}
     for context in contexts:
         seconds = {k: forward_seconds(model, context, k, repeats) for k in sorted(new_tokens)}
         curve[context] = {"seconds": seconds, "ratio": {k: value / seconds[1] for k, value in seconds.items()}}
-    return {"backend": backend, "repeats": repeats, "contexts": curve}
+    return {"backend": cpu_backend(model), "repeats": repeats, "contexts": curve}
 
 
 def curve_line(curve: dict) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from hf_spec.cpu_fast_path import accelerate_for_cpu
 from hf_spec.drafters.early_exit import early_exit_model
 from hf_spec.models import load_model
 
@@ -66,7 +67,11 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     target_label = config.target if target is None else f"{type(target).__name__} (given)"
     if target is None:
         target, tokenizer = load_model(config.target)
+    if config.cpu_fast_path:
+        accelerate_for_cpu(target)
     draft, draft_label = _draft(config, target, draft)
+    if config.cpu_fast_path and draft is not None:
+        accelerate_for_cpu(draft)  # an early exit shares the target's layers, already swapped: its own are left
     prompts = load_tasks(config.tasks, config.limit, config.seed) if prompts is None else prompts
     generation = generation_kwargs(config)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...cpu_fast_path import PackedLinear
 from ...errors import UnsupportedError
 from ..draft_vocab import DraftVocabulary
 from ..persistence import SavedHeads, check_draft_vocab, check_target, target_head_shape
@@ -59,6 +60,10 @@ class MedusaHead(nn.Module):
         return lm_head(features)
 
 
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_dense() if tensor.is_mkldnn else tensor
+
+
 class SharedRows:
     """The target's ``lm_head`` restricted to a draft vocabulary: ``N`` logits (draft ids) per hidden state.
 
@@ -80,21 +85,25 @@ class SharedRows:
         self._rows: torch.Tensor | None = None
 
     def __call__(self, lm_head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-        if not isinstance(lm_head, nn.Linear):
+        if not isinstance(lm_head, (nn.Linear, PackedLinear)):
             raise UnsupportedError(f"A draft vocabulary needs the target's lm_head to be a linear layer, got "
                                    f"{type(lm_head).__name__} (e.g. LoRA on lm_head: merge it first).")
         if hasattr(lm_head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
             return lm_head(features)[..., self.vocabulary.draft_to_target_on(features.device)]
-        bias = None if lm_head.bias is None else self.vocabulary.trim_output_rows(lm_head.bias)
+        bias = None if lm_head.bias is None else self.vocabulary.trim_output_rows(_dense(lm_head.bias))
         return F.linear(features, self.rows(lm_head.weight), bias)
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The kept rows of ``weight`` (``(N, hidden)``), from the cache while ``weight`` is unchanged."""
         if weight.requires_grad and torch.is_grad_enabled():
             return self.vocabulary.trim_output_rows(weight)
+        if weight.is_mkldnn:  # packed by hf_spec.accelerate_for_cpu: no storage to compare, and it never changes
+            if self._source is not weight:
+                self._rows, self._source = self.vocabulary.trim_output_rows(weight.to_dense()), weight
+            return self._rows
         source = self._source
-        if (source is None or source.device != weight.device or source.data_ptr() != weight.data_ptr()
-                or source.dtype != weight.dtype or source.shape != weight.shape or self._version != weight._version
+        if (source is None or source.is_mkldnn or source.device != weight.device
+                or source.data_ptr() != weight.data_ptr() or source.dtype != weight.dtype or source.shape != weight.shape or self._version != weight._version
                 or (self._rows.is_inference() and not torch.is_inference_mode_enabled())):
             self._rows = self.vocabulary.trim_output_rows(weight.detach())
             self._source, self._version = weight.detach(), weight._version
