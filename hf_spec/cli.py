@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--repeats", type=int, default=5, help="timed forwards per point (median reported)")
     cost.add_argument("--threads", type=int, help="torch threads (default: all logical CPUs)")
     cost.add_argument("--backends", nargs="+", default=["default", "onednn"], choices=["default", "onednn"],
-                      help="default: torch's kernels; onednn: after hf_spec.accelerate_for_cpu (measured in this order)")
+                      help="default: torch's kernels; onednn: after hf_spec.accelerate_for_cpu (in this order)")
     cost.add_argument("--out", help="output folder (default outputs/cost/<target>)")
 
     from .training.prepare_data import add_arguments as add_prepare_data_arguments
@@ -83,8 +83,8 @@ def _run_cost(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from .bench.cost import cost_curve, markdown
-    from .cpu_fast_path import accelerate_for_cpu
     from .bench.environment import cpu_name, environment
+    from .cpu_fast_path import accelerate_for_cpu
     from .models import resolve_model
 
     threads = args.threads or torch.get_num_threads()

@@ -103,7 +103,8 @@ class SharedRows:
             return self._rows
         source = self._source
         if (source is None or source.is_mkldnn or source.device != weight.device
-                or source.data_ptr() != weight.data_ptr() or source.dtype != weight.dtype or source.shape != weight.shape or self._version != weight._version
+                or source.data_ptr() != weight.data_ptr() or source.dtype != weight.dtype
+                or source.shape != weight.shape or self._version != weight._version
                 or (self._rows.is_inference() and not torch.is_inference_mode_enabled())):
             self._rows = self.vocabulary.trim_output_rows(weight.detach())
             self._source, self._version = weight.detach(), weight._version
