@@ -123,8 +123,8 @@ def test_save_and_load_round_trip_and_target_checks(tmp_path):
         CloverDrafter.from_pretrained(tmp_path, target=tiny_model("qwen2", num_hidden_layers=3))
     with pytest.raises(ValueError, match="at most 3"):
         CloverDrafter(heads, depth=4)
-    with pytest.raises(ValueError, match="dynamic"):
-        CloverDrafter(heads, tree="static")
+    with pytest.raises(ValueError, match="grows trees of shape"):
+        CloverDrafter(heads, tree="beam")
     with pytest.raises(TypeError, match="CloverHeads"):
         CloverDrafter(target)
 
@@ -174,7 +174,7 @@ def test_training_raises_agreement_and_regresses_features():
 
 # ---------------------------------------------------------------------------------------------- greedy identity
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
 def test_random_heads_are_greedy_identical(arch, tree):
     """Perturbed untrained heads: almost nothing is accepted, every step corrects."""
     target = tiny_model(arch)
@@ -185,7 +185,7 @@ def test_random_heads_are_greedy_identical(arch, tree):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
 def test_fitted_heads_are_accepted_and_greedy_identical(arch, tree):
     target = tiny_model(arch)
     prompt = tiny_prompt(seed=2, length=8)
@@ -241,9 +241,10 @@ def sampled_pvalue(setup, monkeypatch, verification):
     return chi_square_pvalue(joint_counts(tokens, VOCAB, SAMPLED_TOKENS), exact), spy
 
 
-def test_sampled_tokens_follow_the_target_distribution(sampling_setup, monkeypatch):
-    pvalue, spy = sampled_pvalue(sampling_setup, monkeypatch, "rrs")
-    print(f"\nclover rrs: p = {pvalue:.3g}, steps by accepted draft tokens {sorted(spy.counts.items())}")
+@pytest.mark.parametrize("verification", ["rrs", "rrs_without_replacement"])
+def test_sampled_tokens_follow_the_target_distribution(sampling_setup, monkeypatch, verification):
+    pvalue, spy = sampled_pvalue(sampling_setup, monkeypatch, verification)
+    print(f"\nclover {verification}: p = {pvalue:.3g}, steps by accepted draft tokens {sorted(spy.counts.items())}")
     assert spy.counts.get(0, 0) >= SAMPLES // 10
     assert spy.steps_reaching(2) >= SAMPLES // 10
     assert pvalue > 1e-3

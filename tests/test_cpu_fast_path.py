@@ -81,3 +81,16 @@ def test_medusa_heads_sharing_the_packed_lm_head_through_a_draft_vocabulary_are_
     hf_spec.accelerate_for_cpu(model)
     drafter = hf_spec.MedusaDrafter(heads)
     assert torch.equal(greedy(model, prompt, drafter, max_new_tokens=30), expected)
+
+
+def test_bench_runs_with_the_fast_path_on_target_and_early_exit_draft(tmp_path):
+    from hf_spec.bench import make_config, run_bench
+    from tests.test_bench import PROMPTS, byte_tokenizer, tiny_llama
+
+    tokenizer = byte_tokenizer()
+    target = tiny_llama(len(tokenizer), dtype=torch.float32)
+    config = make_config(max_new_tokens=6, repeats=1, warmup=0, threads=1, early_exit_layers=2, out=str(tmp_path),
+                         progress=False, cpu_fast_path=True, methods=["plain", "DraftModelDrafter"])
+    result = run_bench(config, target=target, tokenizer=tokenizer, prompts=PROMPTS)
+    assert cpu_backend(target) == "onednn" and all(row["identical"] for row in result.rows)
+    assert "onednn kernels" in result.table

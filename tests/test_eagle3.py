@@ -139,14 +139,16 @@ def test_save_and_load_round_trip_and_target_checks(tmp_path):
         Eagle3Draft.from_pretrained(tmp_path, target=target)
 
 
-def test_drafter_refuses_static_trees_and_other_modules():
+def test_drafter_refuses_unknown_tree_shapes_and_other_modules():
     target = tiny_model("llama")
     with pytest.raises(TypeError, match="Eagle3Draft"):
         Eagle3Drafter(target)
-    with pytest.raises(ValueError, match="dynamic"):
-        Eagle3Drafter(random_draft(target), tree="static")
-    with pytest.raises(ValueError, match="dynamic"):
-        speculative(target, tiny_prompt(), Eagle3Drafter(random_draft(target)), tree="static")
+    with pytest.raises(ValueError, match="grows trees of shape"):
+        Eagle3Drafter(random_draft(target), tree="beam")
+    with pytest.raises(ValueError, match="tree must be one of"):
+        speculative(target, tiny_prompt(), Eagle3Drafter(random_draft(target)), tree="beam")
+    static = Eagle3Drafter(random_draft(target), tree="static", top_k=3, depth=4).default_tree_spec
+    assert (static.shape, static.depth, static.top_k, static.budget) == ("static", 4, 3, 12)
 
 
 # ---------------------------------------------------------------------------------------------- training-time test
@@ -209,7 +211,7 @@ def test_training_reduces_the_loss_and_raises_agreement():
 
 # ---------------------------------------------------------------------------------------------- greedy identity
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
 def test_random_draft_is_greedy_identical(arch, tree):
     """A random draft layer: almost nothing is accepted, every step corrects."""
     target = tiny_model(arch)
@@ -221,7 +223,7 @@ def test_random_draft_is_greedy_identical(arch, tree):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
 def test_fitted_draft_is_accepted_and_greedy_identical(arch, tree):
     """A draft fitted to the target's continuation of the prompt: most drafts are accepted, whole chains often (a
     dynamic tree of the draft's flat distributions may rank a sibling above a chain node, so its bar is lower)."""

@@ -125,8 +125,8 @@ def test_save_and_load_round_trip_and_target_checks(tmp_path):
         FalconDrafter.from_pretrained(tmp_path, target=tiny_model("qwen2", hidden_size=48))
     with pytest.raises(UnsupportedError, match="target layers"):
         FalconDrafter.from_pretrained(tmp_path, target=tiny_model("qwen2", num_hidden_layers=3))
-    with pytest.raises(ValueError, match="dynamic"):
-        FalconDrafter(draft, tree="static")
+    with pytest.raises(ValueError, match="grows trees of shape"):
+        FalconDrafter(draft, tree="beam")
     with pytest.raises(TypeError, match="FalconDraft"):
         FalconDrafter(target)
 
@@ -208,7 +208,7 @@ def test_training_raises_agreement_and_regresses_features():
 
 # ---------------------------------------------------------------------------------------------- greedy identity
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
 def test_random_drafter_is_greedy_identical(arch, tree):
     """Perturbed untrained drafter: almost nothing is accepted, every step corrects."""
     target = tiny_model(arch)
@@ -219,7 +219,7 @@ def test_random_drafter_is_greedy_identical(arch, tree):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
 def test_fitted_drafter_is_accepted_and_greedy_identical(arch, tree):
     target = tiny_model(arch)
     prompt = tiny_prompt(seed=2, length=8)

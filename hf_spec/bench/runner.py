@@ -67,11 +67,11 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     target_label = config.target if target is None else f"{type(target).__name__} (given)"
     if target is None:
         target, tokenizer = load_model(config.target)
-    if config.cpu_fast_path:
-        accelerate_for_cpu(target)
     draft, draft_label = _draft(config, target, draft)
-    if config.cpu_fast_path and draft is not None:
-        accelerate_for_cpu(draft)  # an early exit shares the target's layers, already swapped: its own are left
+    if config.cpu_fast_path:  # after the early exit is cut from the target's weights; each model packs its own
+        accelerate_for_cpu(target)
+        if draft is not None:
+            accelerate_for_cpu(draft)
     prompts = load_tasks(config.tasks, config.limit, config.seed) if prompts is None else prompts
     generation = generation_kwargs(config)
 

@@ -58,8 +58,10 @@ class TreeSpec:
 Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
 
 
-def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, device) -> DraftTree:
-    """Grow a tree with ``expand`` for ``depth`` levels and keep its ``budget`` most probable nodes."""
+def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, device,
+                      expand_width: int | None = None) -> DraftTree:
+    """Grow a tree with ``expand`` for ``depth`` levels and keep its ``budget`` most probable nodes: each level
+    expands its ``expand_width`` (default ``top_k``) most probable nodes into their ``top_k`` best children."""
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
@@ -80,7 +82,7 @@ def grow_dynamic_tree(expand: Expand, depth: int, top_k: int, budget: int, devic
         layer = torch.tensor(scores[first_new:])
         if layer.numel() == 0:
             break
-        best = layer.topk(min(top_k, layer.numel())).indices
+        best = layer.topk(min(expand_width or top_k, layer.numel())).indices
         frontier = [first_new + int(i) for i in best]
         frontier_scores = layer[best]
     return _keep_best(tokens, parents, scores, budget, device) if tokens else DraftTree.empty(device)
@@ -95,19 +97,40 @@ def node_path(node: int, tokens: list[int], parents: list[int]) -> list[int]:
     return path[::-1]
 
 
+STATIC_TOP_K = 2  # a static tree's default: the chain plus one alternative at each depth
+
+
+def grown_tree_spec(tree: str, depth: int, top_k: int | None, budget: int | None, default_top_k: int,
+                    default_budget: int, drafter: str) -> TreeSpec:
+    """The ``TreeSpec`` of a drafter that grows trees from its own distributions level by level (EAGLE-3,
+    Clover-2, Falcon): a ``"chain"``; a ``"static"`` tree, the chain plus ``top_k - 1`` alternatives at each depth
+    (``depth * top_k`` nodes); or a ``"dynamic"`` one (``top_k`` expansions per level, ``budget`` nodes kept)."""
+    if tree == "chain":
+        return TreeSpec("chain", depth=depth, top_k=1, budget=depth)
+    if tree == "static":
+        width = top_k or STATIC_TOP_K
+        return TreeSpec("static", depth=depth, top_k=width, budget=depth * width)
+    if tree == "dynamic":
+        return TreeSpec("dynamic", depth=depth, top_k=top_k or default_top_k, budget=budget or default_budget)
+    raise ValueError(f"{drafter} grows trees of shape {TREE_SHAPES}, got tree={tree!r}.")
+
+
 def grown_tree_for_call(requested: TreeSpec | None, default: TreeSpec, drafter: str,
                         max_depth: int | None = None) -> TreeSpec:
-    """The tree a drafter that grows trees from its own distributions (chains or dynamic trees, no static ones)
-    drafts for one ``generate(tree=..., tree_depth=...)`` call; ``max_depth`` caps the depth."""
+    """The tree such a drafter drafts for one ``generate(tree=..., tree_depth=...)`` call; ``max_depth`` caps the
+    depth."""
     if requested is None:
         return default
     depth = requested.depth or default.depth
     depth = min(depth, max_depth) if max_depth else depth
-    if requested.shape == "chain":
-        return TreeSpec("chain", depth=depth, top_k=1, budget=depth)
-    if requested.shape == "static":
-        raise ValueError(f"{drafter} grows trees from its own distributions: use tree='dynamic' or 'chain'.")
-    return TreeSpec("dynamic", depth=depth, top_k=requested.top_k, budget=requested.budget)
+    return grown_tree_spec(requested.shape, depth, requested.top_k, requested.budget, default.top_k, default.budget,
+                           drafter)
+
+
+def grow_tree(expand: Expand, spec: TreeSpec, depth: int, device) -> DraftTree:
+    """Grow the tree ``spec`` describes, ``depth`` levels deep (a static tree expands only the chain's node)."""
+    return grow_dynamic_tree(expand, depth, spec.top_k, spec.budget, device,
+                             expand_width=1 if spec.shape == "static" else spec.top_k)
 
 
 def tree_rows_mask(nodes: list[int], parents: list[int], cache_row: dict[int, int], past: int,

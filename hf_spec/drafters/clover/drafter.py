@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, grown_tree_for_call, node_path
+from ...engine.dynamic_tree import TreeSpec, grow_tree, grown_tree_for_call, grown_tree_spec, node_path
 from ...engine.tree import DraftTree
 from ..base import Drafter, DraftRequest
 from .model import CloverHeads
@@ -26,7 +26,8 @@ class CloverDrafter(Drafter):
     Args:
         heads: the trained ``CloverHeads``.
         tree: ``"dynamic"`` (default; depth ``num_heads``, the checkpoint's ``tree_top_k`` / ``tree_budget``) or
-            ``"chain"`` (each head's top-1). ``generate(tree=..., tree_depth=..., tree_top_k=..., tree_budget=...)``
+            ``"chain"`` (each head's top-1) or ``"static"`` (the chain plus ``top_k - 1`` alternatives at each depth).
+            ``generate(tree=..., tree_depth=..., tree_top_k=..., tree_budget=...)``
             reshapes one call; the depth is at most the number of heads.
         depth, top_k, budget: override the checkpoint's tree sizes.
     """
@@ -37,15 +38,12 @@ class CloverDrafter(Drafter):
         if not isinstance(heads, CloverHeads):
             raise TypeError(f"CloverDrafter takes trained CloverHeads, got {type(heads).__name__}; load them with "
                             "CloverDrafter.from_pretrained(path_or_id, target=model).")
-        if tree not in ("dynamic", "chain"):
-            raise ValueError(f"CloverDrafter grows 'dynamic' trees or 'chain's, got tree={tree!r}.")
         config = heads.config
         if depth is not None and depth > config.num_heads:
             raise ValueError(f"These heads draft at most {config.num_heads} tokens deep, got depth={depth}.")
         depth = depth or config.num_heads
-        self.default_tree_spec = (TreeSpec("chain", depth=depth, top_k=1, budget=depth) if tree == "chain" else
-                                  TreeSpec("dynamic", depth=depth, top_k=top_k or config.tree_top_k,
-                                           budget=budget or config.tree_budget))
+        self.default_tree_spec = grown_tree_spec(tree, depth, top_k, budget, config.tree_top_k, config.tree_budget,
+                                                 "CloverDrafter")
         self.tree_spec = self.default_tree_spec
         self.heads = heads.eval()
         self.target_features = (config.feature_layer,)
@@ -101,7 +99,7 @@ class CloverDrafter(Drafter):
             return torch.log_softmax(self.logits_processor(sequences, logits.float()), dim=-1)
 
         spec = self.tree_spec
-        return grow_dynamic_tree(expand, depth, spec.top_k, spec.budget, input_ids.device)
+        return grow_tree(expand, spec, depth, input_ids.device)
 
     def _commit(self, input_ids: torch.Tensor, features: torch.Tensor) -> None:
         """Append the prefix keys of newly committed rows (the feature at ``t`` sits at position ``t``)."""

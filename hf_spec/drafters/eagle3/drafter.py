@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, grown_tree_for_call, node_path, tree_rows_mask
+from ...engine.dynamic_tree import (
+    TreeSpec,
+    grow_tree,
+    grown_tree_for_call,
+    grown_tree_spec,
+    node_path,
+    tree_rows_mask,
+)
 from ...engine.tree import DraftTree
 from ..base import DraftRequest, Drafter
 from .model import Eagle3Draft
@@ -31,7 +38,8 @@ class Eagle3Drafter(Drafter):
     Args:
         draft_layer: the trained ``Eagle3Draft`` (``Eagle3Drafter.from_pretrained`` loads one).
         tree: ``"dynamic"`` (default: the checkpoint's ``tree_depth`` / ``tree_top_k`` / ``tree_budget``) or
-            ``"chain"`` (the draft's top-1 for ``tree_depth`` tokens). ``generate(tree=..., tree_depth=...,
+            ``"chain"`` (the draft's top-1 for ``tree_depth`` tokens) or ``"static"`` (the chain plus ``top_k - 1``
+            alternatives at each depth). ``generate(tree=..., tree_depth=...,
             tree_top_k=..., tree_budget=...)`` reshapes one call.
         depth, top_k, budget: override the checkpoint's tree sizes.
     """
@@ -42,13 +50,10 @@ class Eagle3Drafter(Drafter):
         if not isinstance(draft_layer, Eagle3Draft):
             raise TypeError(f"Eagle3Drafter takes a trained Eagle3Draft, got {type(draft_layer).__name__}; load one "
                             "with Eagle3Drafter.from_pretrained(path_or_id, target=model).")
-        if tree not in ("dynamic", "chain"):
-            raise ValueError(f"Eagle3Drafter grows 'dynamic' trees or 'chain's, got tree={tree!r}.")
         config = draft_layer.config
         depth = depth or config.tree_depth
-        self.default_tree_spec = (TreeSpec("chain", depth=depth, top_k=1, budget=depth) if tree == "chain" else
-                                  TreeSpec("dynamic", depth=depth, top_k=top_k or config.tree_top_k,
-                                           budget=budget or config.tree_budget))
+        self.default_tree_spec = grown_tree_spec(tree, depth, top_k, budget, config.tree_top_k, config.tree_budget,
+                                                 "Eagle3Drafter")
         self.tree_spec = self.default_tree_spec
         self.draft = draft_layer.eval()
         self.target_features = tuple(config.feature_layers)
@@ -100,7 +105,7 @@ class Eagle3Drafter(Drafter):
             return torch.log_softmax(self.logits_processor(sequences, logits.float()), dim=-1)
 
         spec = self.tree_spec
-        tree = grow_dynamic_tree(expand, depth, spec.top_k, spec.budget, device)
+        tree = grow_tree(expand, spec, depth, device)
         self._keys, self._values = self._keys[:, :, :committed], self._values[:, :, :committed]
         return tree
 

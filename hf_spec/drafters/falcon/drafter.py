@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ...engine.dynamic_tree import TreeSpec, grow_dynamic_tree, grown_tree_for_call, node_path
+from ...engine.dynamic_tree import TreeSpec, grow_tree, grown_tree_for_call, grown_tree_spec, node_path
 from ...engine.features import FINAL
 from ...engine.tree import DraftTree
 from ..base import DraftRequest, Drafter
@@ -48,7 +48,8 @@ class FalconDrafter(Drafter):
     Args:
         draft_head: the trained ``FalconDraft`` (``FalconDrafter.from_pretrained`` loads one).
         tree: ``"dynamic"`` (default: ``block_size * num_passes`` deep, the checkpoint's ``tree_top_k`` /
-            ``tree_budget``) or ``"chain"`` (the top-1 of every depth). ``generate(tree=..., tree_depth=...,
+            ``tree_budget``), ``"chain"`` (the top-1 of every depth) or ``"static"`` (the chain plus ``top_k - 1``
+            alternatives at each depth). ``generate(tree=..., tree_depth=...,
             tree_top_k=..., tree_budget=...)`` reshapes one call.
         depth, top_k, budget: override the checkpoint's tree sizes.
     """
@@ -61,13 +62,10 @@ class FalconDrafter(Drafter):
         if not isinstance(draft_head, FalconDraft):
             raise TypeError(f"FalconDrafter takes a trained FalconDraft, got {type(draft_head).__name__}; load one "
                             "with FalconDrafter.from_pretrained(path_or_id, target=model).")
-        if tree not in ("dynamic", "chain"):
-            raise ValueError(f"FalconDrafter grows 'dynamic' trees or 'chain's, got tree={tree!r}.")
         config = draft_head.config
         depth = depth or config.tree_depth
-        self.default_tree_spec = (TreeSpec("chain", depth=depth, top_k=1, budget=depth) if tree == "chain" else
-                                  TreeSpec("dynamic", depth=depth, top_k=top_k or config.tree_top_k,
-                                           budget=budget or config.tree_budget))
+        self.default_tree_spec = grown_tree_spec(tree, depth, top_k, budget, config.tree_top_k, config.tree_budget,
+                                                 "FalconDrafter")
         self.tree_spec = self.default_tree_spec
         self.draft = draft_head.eval()
         self.block = config.block_size
@@ -125,7 +123,7 @@ class FalconDrafter(Drafter):
             return torch.log_softmax(self.logits_processor(sequences, logits.float()), dim=-1)
 
         spec = self.tree_spec
-        tree = grow_dynamic_tree(expand, depth, spec.top_k, spec.budget, device)
+        tree = grow_tree(expand, spec, depth, device)
         self._keys, self._values = self._keys[:, :, :committed], self._values[:, :, :committed]
         return tree
 
