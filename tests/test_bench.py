@@ -114,6 +114,8 @@ def test_end_to_end_flags_broken_method(tmp_path, monkeypatch, capsys):
     assert "Target forward cost c(k)/c(1), default kernels, after" in table
     assert "Share of target steps that accepted at least *d* draft tokens" in table
     assert "| PromptLookupDrafter | " in table.split("at least *d*")[1]
+    assert "Milliseconds per target step" in table and "rest / one-token forward" in table
+    assert rows["PromptLookupDrafter"]["ms_per_step"]["target"] > 0 and rows["plain"]["ms_per_step"] is None
 
 
 def test_cli_with_yaml_config_on_a_local_model_folder(tmp_path, capsys):

@@ -45,6 +45,7 @@ class Measurement:
     drafted_tokens: int | None = None
     identical: bool | None = None  # to the baseline, for greedy runs
     steps_by_accepted: dict[int, int] | None = None  # hf_spec methods: steps by accepted draft tokens
+    phase_seconds: dict[str, float] | None = None  # hf_spec methods: draft / target / loop overhead, summed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,9 +120,11 @@ def run_once(method: Method, item: BenchItem, counter: ForwardCounter, repeat: i
         stats = method.drafter.stats
         forwards, accepted, drafted = stats.target_forwards, stats.accepted_tokens, stats.drafted_tokens
         histogram = dict(stats.steps_by_accepted)
+        phases = {"draft": stats.draft_seconds, "target": stats.target_seconds,
+                  "loop_overhead": stats.loop_overhead_seconds}
     else:
         forwards = counter.calls
-        accepted, drafted, histogram = max(len(tokens) - forwards, 0), None, None
+        accepted, drafted, histogram, phases = max(len(tokens) - forwards, 0), None, None, None
     record = Measurement(method.name, item.id, item.group, repeat, seconds, len(tokens), forwards, accepted, drafted,
-                         steps_by_accepted=histogram)
+                         steps_by_accepted=histogram, phase_seconds=phases)
     return record, tokens

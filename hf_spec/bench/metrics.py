@@ -83,8 +83,20 @@ def summarize(measurements: list[Measurement], methods: list[str], groups: list[
             "identical": all(checked) if checked else None,
             "mismatched_generations": checked.count(False),
             "accepted_at_least": acceptance_by_depth([record for record in measurements if record.method == method]),
+            "ms_per_step": phase_ms_per_step([record for record in measurements if record.method == method]),
         })
     return rows
+
+
+def phase_ms_per_step(records: Iterable[Measurement]) -> dict[str, float] | None:
+    """Milliseconds per target step in the drafter, the target's forwards and the rest of the loop (None for methods
+    whose steps hf_spec cannot see)."""
+    timed = [record for record in records if record.phase_seconds]
+    steps = sum(record.target_forwards for record in timed)
+    if not steps:
+        return None
+    return {phase: 1000 * sum(record.phase_seconds[phase] for record in timed) / steps
+            for phase in ("draft", "target", "loop_overhead")}
 
 
 def acceptance_by_depth(records: Iterable[Measurement], max_depth: int = MAX_REPORTED_DEPTH) -> list[float] | None:

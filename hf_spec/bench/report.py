@@ -29,7 +29,7 @@ def write_json(path: Path, payload: dict) -> None:
 
 def markdown(rows: list[dict], groups: list[str], header: str, greedy: bool,
              skipped: dict[str, str] | None = None, mismatches: list[Mismatch] | None = None, tokenizer=None,
-             labels: dict[str, str] | None = None) -> str:
+             labels: dict[str, str] | None = None, one_token_ms: float | None = None) -> str:
     """Spec-Bench's layout: speedup per task group and overall, tau, identity (greedy runs)."""
     columns = [title(group) for group in groups] + ["Overall", "Mean accepted tokens"]
     if greedy:
@@ -46,8 +46,30 @@ def markdown(rows: list[dict], groups: list[str], header: str, greedy: bool,
     lines += ["", f"Baseline ({_row_name(baseline, labels)}): {baseline[OVERALL]['tokens_per_second']:.1f} tokens/s "
                   "overall (median over repetitions); speedups are ratios to it within each repetition, median over "
                   "repetitions."]
-    lines += depth_table(rows, labels)
+    lines += depth_table(rows, labels) + timing_table(rows, labels, one_token_ms)
     return "\n".join(lines + _notes(skipped, mismatches, tokenizer, labels)) + "\n"
+
+
+def timing_table(rows: list[dict], labels: dict[str, str] | None = None,
+                 one_token_ms: float | None = None) -> list[str]:
+    """Where a target step's time goes, per hf_spec method: the drafter, the target's forwards, the rest."""
+    timed = [row for row in rows if row.get("ms_per_step")]
+    if not timed:
+        return []
+    share = one_token_ms is not None
+    lines = ["", "Milliseconds per target step: in the drafter's `propose`, in the target's forward, and the rest of "
+             "the loop (tree mask, logits processors, verification, cache trimming, stopping criteria)"
+             + (f"; the rest as a share of a one-token target forward ({one_token_ms:.1f} ms, the cost curve's):"
+                if share else ":"), "",
+             "| Method | draft | target | rest | " + ("rest / one-token forward |" if share else ""),
+             "|---|---:|---:|---:|" + ("---:|" if share else "")]
+    for row in timed:
+        ms = row["ms_per_step"]
+        cells = [f"{ms['draft']:.1f}", f"{ms['target']:.1f}", f"{ms['loop_overhead']:.1f}"]
+        if share:
+            cells.append(f"{100 * ms['loop_overhead'] / one_token_ms:.0f}%")
+        lines.append(f"| {_row_name(row, labels)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def depth_table(rows: list[dict], labels: dict[str, str] | None = None) -> list[str]:

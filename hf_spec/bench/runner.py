@@ -95,13 +95,16 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
         row["lossless"] = method.lossless
     header = _header(config, target_label, draft_label, prompts, items, env)
     curve = _cost_curve(target, items) if config.cost_curve else None
+    one_token_ms = None
     if curve is not None:
         line = curve_line(curve)
         header += f" {line[0].upper()}{line[1:]}."
+        one_token_ms = 1000 * next(iter(curve["contexts"].values()))["seconds"][1]
     if config.table == "demo":
         table = demo_markdown(rows, header, config.greedy, skipped, mismatches, tokenizer, config.labels, FULL_TABLES)
     else:
-        table = markdown(rows, groups, header, config.greedy, skipped, mismatches, tokenizer, config.labels)
+        table = markdown(rows, groups, header, config.greedy, skipped, mismatches, tokenizer, config.labels,
+                         one_token_ms)
     payload = {
         "command": sys.argv,
         "config": asdict(config),

@@ -8,6 +8,8 @@ committed one by one through the stopping criteria and the streamer, as plain de
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -79,36 +81,41 @@ def speculative_generate(
     new_features = prefill(model, cache, input_ids, features)
 
     finished = False
-    while not finished:
-        remaining = generation_config.max_length - input_ids.shape[1]
-        tree = drafter.propose(DraftRequest(input_ids, max(remaining - 1, 0), new_features))
-        block_start = cache.get_seq_length()
-        forward = forward_tree(model, cache, input_ids[0, -1], tree, features)
-        block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
-        verdict = rule.verify(tree, block_scores)
+    with ForwardTimer(model) as target_time:
+        while not finished:
+            step_start = time.perf_counter()
+            remaining = generation_config.max_length - input_ids.shape[1]
+            tree = drafter.propose(DraftRequest(input_ids, max(remaining - 1, 0), new_features))
+            drafted = time.perf_counter()
+            block_start = cache.get_seq_length()
+            forward = forward_tree(model, cache, input_ids[0, -1], tree, features)
+            block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
+            verdict = rule.verify(tree, block_scores)
 
-        new_tokens = [tree.token_list[node] for node in verdict.accepted_nodes] + [verdict.next_token]
-        emitted = 0
-        for token, row in zip(new_tokens, verdict.block_rows):
-            input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
-            emitted += 1
-            if keep_scores:
-                scores.append(block_scores[row : row + 1].clone())  # owned: a view would keep the whole block alive
-            if keep_logits:
-                raw_logits.append(forward.logits[row : row + 1].to(torch.float32, copy=True))
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if stopping_criteria(input_ids, block_scores[row : row + 1]).any():
-                finished = True
-                break
-        # As in plain decoding, the cache holds every committed token but the last one.
-        kept_rows = verdict.block_rows[:emitted]
-        keep_block_rows(cache, block_start, kept_rows)
-        accepted = verdict.accepted_nodes[:emitted]
-        drafter.observe(StepOutcome(tree, accepted, verdict.next_token if emitted > len(accepted) else None))
-        stats.record_step(tree.num_nodes, len(accepted), emitted)
-        if features:
-            new_features = forward.features[:, kept_rows]
+            new_tokens = [tree.token_list[node] for node in verdict.accepted_nodes] + [verdict.next_token]
+            emitted = 0
+            for token, row in zip(new_tokens, verdict.block_rows):
+                input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+                emitted += 1
+                if keep_scores:
+                    # owned: a view would keep the whole block alive
+                    scores.append(block_scores[row : row + 1].clone())
+                if keep_logits:
+                    raw_logits.append(forward.logits[row : row + 1].to(torch.float32, copy=True))
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                if stopping_criteria(input_ids, block_scores[row : row + 1]).any():
+                    finished = True
+                    break
+            # As in plain decoding, the cache holds every committed token but the last one.
+            kept_rows = verdict.block_rows[:emitted]
+            keep_block_rows(cache, block_start, kept_rows)
+            accepted = verdict.accepted_nodes[:emitted]
+            drafter.observe(StepOutcome(tree, accepted, verdict.next_token if emitted > len(accepted) else None))
+            stats.record_step(tree.num_nodes, len(accepted), emitted)
+            if features:
+                new_features = forward.features[:, kept_rows]
+            stats.record_time(drafted - step_start, target_time.take(), time.perf_counter() - step_start)
 
     if streamer is not None:
         streamer.end()
@@ -120,6 +127,31 @@ def speculative_generate(
             past_key_values=cache,
         )
     return input_ids
+
+
+class ForwardTimer:
+    """Seconds spent inside ``model``'s forwards since the last ``take()`` (a pre- and a post-forward hook)."""
+
+    def __init__(self, model):
+        self.seconds, self._start = 0.0, 0.0
+        self._handles = [model.register_forward_pre_hook(self._begin), model.register_forward_hook(self._end)]
+
+    def _begin(self, module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self, module, args, output) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    def __enter__(self) -> ForwardTimer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _choose_verification(verification: str, generation_config) -> VerificationRule:
