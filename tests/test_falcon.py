@@ -12,7 +12,7 @@ import torch
 import hf_spec
 from hf_spec.drafters.draft_vocab import DraftVocabulary
 from hf_spec.drafters.falcon import FalconConfig, FalconDraft, FalconDrafter
-from hf_spec.drafters.falcon.layer import relaxed_causal_mask
+from hf_spec.drafters.falcon.layer import Recurrence, relaxed_causal_mask
 from hf_spec.engine.features import FINAL
 from hf_spec.errors import UnsupportedError
 from hf_spec.training.config import load_config
@@ -95,6 +95,18 @@ def test_relaxed_causal_mask_is_full_inside_blocks_and_causal_between_them():
     assert relaxed_causal_mask(5, 2).int().tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0],
                                                         [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert torch.equal(relaxed_causal_mask(4, 1), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_recurrence_cells_equal_the_cell_state_of_stepping_the_lstm():
+    torch.manual_seed(0)
+    recurrence = Recurrence(6, 5)
+    inputs = torch.randn(2, 7, 6)
+    hidden, _ = recurrence(inputs)
+    expected, state = [], None
+    for row in range(inputs.shape[1]):
+        _, state = recurrence(inputs[:, row : row + 1], state)
+        expected.append(state[1])
+    torch.testing.assert_close(recurrence.cells(inputs, hidden), torch.stack(expected, dim=1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

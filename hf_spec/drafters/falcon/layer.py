@@ -32,17 +32,22 @@ class Recurrence(nn.Module):
 
     @torch.no_grad()
     def cells(self, inputs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The cell state after every row of a run from the zero state that returned ``hidden``. With every ``h``
-        known the gates are one matrix product; only ``c_t = f_t c_{t-1} + i_t g_t`` is sequential."""
-        lstm = self.lstm
-        previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
-        gates = (inputs @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + previous @ lstm.weight_hh_l0.T + lstm.bias_hh_l0)
-        input_gate, forget_gate, candidate, _ = gates.chunk(4, dim=-1)
-        added = torch.sigmoid(input_gate) * torch.tanh(candidate)
-        forget = torch.sigmoid(forget_gate)
+        """The cell state after every row of a run from the zero state that returned ``hidden``.
+
+        With every ``h`` known, one LSTM step per row from ``(h_{t-1}, c=0)`` gives ``i_t g_t`` and from
+        ``(h_{t-1}, c=1)`` gives ``f_t + i_t g_t``: two batched one-step calls of the module (so a sharded
+        optimizer such as ZeRO-3 gathers its weights as for any forward); only ``c_t = f_t c_{t-1} + i_t g_t``
+        is sequential."""
+        batch, rows, size = hidden.shape
+        previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1).reshape(1, batch * rows, size)
+        steps = inputs.reshape(batch * rows, 1, -1)
+        _, (_, added) = self.lstm(steps, (previous, torch.zeros_like(previous)))
+        _, (_, forget_plus_added) = self.lstm(steps, (previous, torch.ones_like(previous)))
+        added = added.reshape(batch, rows, size)
+        forget = forget_plus_added.reshape(batch, rows, size) - added
         cells = torch.empty_like(hidden)
         c = torch.zeros_like(hidden[:, 0])
-        for row in range(hidden.shape[1]):
+        for row in range(rows):
             c = forget[:, row] * c + added[:, row]
             cells[:, row] = c
         return cells
