@@ -12,6 +12,7 @@ from .drafters.falcon import FalconConfig, FalconDraft, FalconDrafter
 from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .engine.loop import allow_model_type, speculative_generate
+from .engine.goodput import CostCurve
 from .engine.stats import GenerationStats
 from .engine.tree import DraftTree
 from .cpu_fast_path import accelerate_for_cpu
@@ -26,6 +27,7 @@ __all__ = [
     "DraftTree",
     "Drafter",
     "CloverConfig",
+    "CostCurve",
     "CloverDrafter",
     "CloverHeads",
     "Eagle3Config",

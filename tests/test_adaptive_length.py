@@ -27,7 +27,8 @@ def proposed_lengths(target, drafter, prompt, accepted: list | None = None) -> t
         observe(outcome)
 
     drafter.observe = recording_observe
-    out = target.generate(prompt, assistant_model=drafter, do_sample=False, max_new_tokens=MAX_NEW)
+    out = target.generate(prompt, assistant_model=drafter, do_sample=False, max_new_tokens=MAX_NEW,
+                          draft_length="fixed")
     return lengths, out
 
 

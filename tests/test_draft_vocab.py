@@ -122,7 +122,8 @@ def test_greedy_output_with_a_trimmed_draft_is_plain_generate(greedy_pair, tree)
         prompt = tiny_prompt(seed=seed, length=10)
         plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
         drafter = hf_spec.DraftModelDrafter(draft, num_tokens=4, tree=tree, draft_vocab=vocabulary)
-        assert torch.equal(target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter), plain)
+        assert torch.equal(target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter,
+                                           draft_length="fixed"), plain)
         accepted += drafter.stats.accepted_tokens
         outside += int((~vocabulary.contains(plain[0, 10:])).sum())
     assert accepted >= 6 and outside >= 6  # drafts were accepted, and the target emitted tokens the draft cannot

@@ -64,6 +64,7 @@ def plain(model, prompt, max_new_tokens=MAX_NEW):
 
 
 def speculative(model, prompt, drafter, max_new_tokens=MAX_NEW, **kwargs):
+    kwargs.setdefault("draft_length", "fixed")  # these tests are about the drafter's own trees
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=drafter,
                           max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
 

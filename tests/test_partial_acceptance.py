@@ -77,7 +77,8 @@ def test_partial_acceptance_is_lossless(monkeypatch, arch, tree):
     recorder = StepRecorder(monkeypatch, drafter)
     prompt = tiny_prompt(1)
     expected = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False)
-    got = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter)
+    got = target.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=drafter,
+                          draft_length="fixed")
     assert torch.equal(got, expected)
     assert drafter.tree_spec == drafter.default_tree_spec and drafter.tree_spec.shape == tree
     assert recorder.partial_steps >= 2, recorder.steps  # measured: 3 to 15 of 11 to 23 steps

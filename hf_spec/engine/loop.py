@@ -20,6 +20,7 @@ from .cache import check_cache_supported, keep_block_rows
 from .processors import TreeLogitsProcessor
 from .target import forward_tree, prefill, process_block_scores
 from .dynamic_tree import TreeSpec
+from .goodput import CostCurve, GoodputPolicy, check_draft_length, measured_cost_curve
 from .rules import RULES, VerificationRule
 
 # Architectures whose tree attention (4D mask + position ids through the public forward) is tested.
@@ -45,6 +46,8 @@ def speculative_generate(
     tree_budget: int | None = None,
     tree_depth: int | None = None,
     tree_top_k: int | None = None,
+    draft_length: str = "goodput",
+    cost_curve: CostCurve | None = None,
     hf_spec_streamer=None,
     **model_kwargs,
 ):
@@ -59,9 +62,13 @@ def speculative_generate(
     ``"greedy"``, ``"rrs"``, ``"rrs_without_replacement"``, ``"spechub"``, or the lossy ``"typical"``.
     ``tree`` (``"chain"``, ``"static"`` or ``"dynamic"``) with ``tree_budget``, ``tree_depth`` and
     ``tree_top_k`` reshapes the drafter's trees for this call (drafters that grow trees only).
+    ``draft_length="goodput"`` (default) caps each step's draft depth where expected tokens per second peak, from
+    the target's cost curve (``cost_curve``, a ``hf_spec.CostCurve``; measured once per model when not given) and
+    running acceptance (``hf_spec.engine.goodput``); ``"fixed"`` drafts the drafter's own length every step.
     Per-call statistics land in ``drafter.stats``.
     """
     rule = _choose_verification(verification, generation_config)
+    check_draft_length(draft_length, cost_curve)
     _check_request(model, input_ids, generation_config, drafter, model_kwargs)
     logits_processor = TreeLogitsProcessor(logits_processor)
     cache = model_kwargs["past_key_values"]
@@ -79,13 +86,19 @@ def speculative_generate(
     scores, raw_logits = [], []
     features = resolve_layers(model, drafter.target_features)
     new_features = prefill(model, cache, input_ids, features)
+    policy = None
+    if draft_length == "goodput":
+        policy = GoodputPolicy(cost_curve or measured_cost_curve(model, cache, input_ids[0, -1]))
 
     finished = False
     with ForwardTimer(model) as target_time:
         while not finished:
             step_start = time.perf_counter()
             remaining = generation_config.max_length - input_ids.shape[1]
-            tree = drafter.propose(DraftRequest(input_ids, max(remaining - 1, 0), new_features))
+            max_tokens = max(remaining - 1, 0)
+            if policy is not None:
+                max_tokens = policy.depth_cap(max_tokens)
+            tree = drafter.propose(DraftRequest(input_ids, max_tokens, new_features))
             drafted = time.perf_counter()
             block_start = cache.get_seq_length()
             forward = forward_tree(model, cache, input_ids[0, -1], tree, features)
@@ -115,7 +128,12 @@ def speculative_generate(
             stats.record_step(tree.num_nodes, len(accepted), emitted)
             if features:
                 new_features = forward.features[:, kept_rows]
-            stats.record_time(drafted - step_start, target_time.take(), time.perf_counter() - step_start)
+            target_seconds = target_time.take()
+            stats.record_time(drafted - step_start, target_seconds, time.perf_counter() - step_start)
+            if policy is not None:
+                policy.record(max(tree.depths, default=0), tree.num_nodes, len(verdict.accepted_nodes),
+                              target_seconds, drafted - step_start)
+                stats.record_depth_cap(max_tokens)
 
     if streamer is not None:
         streamer.end()

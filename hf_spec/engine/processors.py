@@ -31,6 +31,12 @@ ROW_WISE = (
     lp.LogitNormalization, lp.SuppressTokensLogitsProcessor, lp.SuppressTokensAtBeginLogitsProcessor,
     lp.WatermarkLogitsProcessor,
 )
+# Row-wise processors that never read ``input_ids``: one call covers rows of every length.
+IGNORE_INPUT_IDS = (
+    lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
+    lp.TopHLogitsWarper, lp.TypicalLogitsWarper, lp.EpsilonLogitsWarper, lp.EtaLogitsWarper,
+    lp.LogitNormalization, lp.InfNanRemoveLogitsProcessor,
+)
 ONE_ROW_AT_A_TIME = (lp.PrefixConstrainedLogitsProcessor, lp.RepetitionPenaltyLogitsProcessor)
 STATEFUL = {
     lp.UnbatchedClassifierFreeGuidanceLogitsProcessor:
@@ -58,6 +64,8 @@ class TreeLogitsProcessor:
         for processor in self.processors:
             _check_supported(processor)
         self._batchable = [_batchable(p) for p in self.processors]
+        # exact types: a subclass may read input_ids
+        self.ignores_input_ids = all(type(p) in IGNORE_INPUT_IDS for p in self.processors)
 
     def __len__(self) -> int:
         return len(self.processors)

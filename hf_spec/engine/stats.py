@@ -15,7 +15,8 @@ class GenerationStats:
     Wall time per phase, summed over steps: ``draft_seconds`` in the drafter's ``propose``, ``target_seconds`` in
     the target's forwards, ``step_seconds`` whole steps; ``loop_overhead_seconds`` is the rest (tree masks,
     logits processors on the block, verification, cache trimming, stopping criteria). On CUDA, kernels run
-    asynchronously: there the split is approximate.
+    asynchronously: there the split is approximate. ``depth_caps[d]`` counts the steps whose draft depth the
+    cost-aware policy (``draft_length="goodput"``) capped at ``d``.
     """
 
     target_forwards: int = 0
@@ -26,6 +27,7 @@ class GenerationStats:
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     step_seconds: float = 0.0
+    depth_caps: dict[int, int] = field(default_factory=dict)
 
     def record_step(self, drafted: int, accepted: int, emitted: int) -> None:
         self.target_forwards += 1
@@ -38,6 +40,9 @@ class GenerationStats:
         self.draft_seconds += draft
         self.target_seconds += target
         self.step_seconds += step
+
+    def record_depth_cap(self, depth: int) -> None:
+        self.depth_caps[depth] = self.depth_caps.get(depth, 0) + 1
 
     @property
     def loop_overhead_seconds(self) -> float:

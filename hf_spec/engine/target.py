@@ -158,6 +158,8 @@ def process_block_scores(
     logits = logits.float()
     if len(logits_processor) == 0:
         return logits
+    if getattr(logits_processor, "ignores_input_ids", False):  # temperature, top-k, top-p...: one call for all rows
+        return logits_processor(input_ids.expand(logits.shape[0], -1), logits)
     scores = torch.empty_like(logits)
     rows_at_depth: dict[int, list[int]] = {}
     for row, path in enumerate(tree.paths):

@@ -1,0 +1,137 @@
+"""Cost-aware draft length (draft_length="goodput", the default): the cost curve, the acceptance estimates, the
+policy's choices at the extremes, and greedy identity with plain generate() whatever depth it picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+)
+
+import hf_spec
+from hf_spec.drafters.base import Drafter
+from hf_spec.engine.goodput import CostCurve, GoodputPolicy
+from hf_spec.engine.processors import TreeLogitsProcessor
+from hf_spec.engine.target import process_block_scores
+from hf_spec.errors import UnsupportedError
+from tests.conftest import tiny_model, tiny_prompt
+
+FLAT = CostCurve({1: 1.0, 32: 1.0})
+LINEAR = CostCurve({1: 1.0, 2: 2.0, 32: 32.0})  # a k-token forward costs k one-token forwards: drafting never pays
+
+
+def test_cost_curve_interpolates_extrapolates_and_normalises():
+    curve = CostCurve({1: 2.0, 2: 3.0, 4: 4.0})
+    assert curve(1) == 1.0 and curve(2) == 1.5 and curve(3) == 1.75 and curve(4) == 2.0
+    assert curve(6) == 2.5  # along the last segment
+    assert CostCurve({1: 1.0, 2: 1.2, 4: 1.1})(8) == 1.1  # never below the last measured ratio
+    with pytest.raises(UnsupportedError, match="k = 1"):
+        CostCurve({2: 1.5, 4: 2.0})
+    from_results = CostCurve.from_results({"contexts": {"128": {"ratio": {"1": 1.0, "4": 1.3}}}})
+    assert from_results.ratios == {1: 1.0, 4: 1.3}
+
+
+def test_acceptance_counts_only_steps_that_reached_each_depth():
+    policy = GoodputPolicy(FLAT, prior_strength=0.0, memory=1.0)
+    policy.record(depth=3, nodes=3, accepted=1, target_seconds=1.0, draft_seconds=0.0)  # depth 2 rejected
+    policy.record(depth=2, nodes=2, accepted=2, target_seconds=1.0, draft_seconds=0.0)
+    policy.record(depth=1, nodes=1, accepted=0, target_seconds=1.0, draft_seconds=0.0)
+    assert policy.acceptance(1) == pytest.approx(2 / 3)
+    assert policy.acceptance(2) == pytest.approx(1 / 2)
+    assert policy.expected_tokens(2) == pytest.approx(1 + 2 / 3 + 2 / 3 * 1 / 2)
+    assert policy.reached[2] == 0  # depth 3 was never reached with depth 2 accepted
+
+
+def test_policy_drafts_deep_when_verification_is_free_and_drafts_are_accepted():
+    policy = GoodputPolicy(FLAT)
+    assert policy.depth_cap(10) == 10  # nothing measured yet: the drafter's own length
+    for _ in range(20):
+        policy.record(depth=6, nodes=6, accepted=6, target_seconds=0.05, draft_seconds=0.0)
+    assert policy.depth_cap(10) == 7  # the deepest seen plus one, to find out whether deeper pays
+    assert policy.depth_cap(3) == 3
+
+
+def test_policy_stops_drafting_when_nothing_pays_but_probes():
+    policy = GoodputPolicy(LINEAR, probe_every=4)
+    for _ in range(20):
+        policy.record(depth=4, nodes=4, accepted=0, target_seconds=0.25, draft_seconds=0.02)
+    caps = [policy.depth_cap(10) for _ in range(8)]
+    assert caps.count(0) == 6 and caps[3] > 0 and caps[7] > 0
+
+
+def test_expensive_drafts_shorten_the_draft():
+    cheap, costly = GoodputPolicy(CostCurve({1: 1.0, 32: 1.5})), GoodputPolicy(CostCurve({1: 1.0, 32: 1.5}))
+    for _ in range(30):
+        cheap.record(depth=8, nodes=8, accepted=4, target_seconds=0.05, draft_seconds=0.0)
+        costly.record(depth=8, nodes=8, accepted=4, target_seconds=0.05, draft_seconds=0.4)
+    assert costly.depth_cap(16) < cheap.depth_cap(16)
+
+
+class TargetOracle(Drafter):
+    """Drafts the target's own greedy continuation (known in advance): every draft token is accepted."""
+
+    def __init__(self, continuation: torch.Tensor, length: int):
+        super().__init__()
+        self.continuation, self.length = continuation, length
+
+    def propose(self, request):
+        start = request.input_ids.shape[1]
+        tokens = self.continuation[start : start + min(self.length, request.max_tokens)]
+        return hf_spec.DraftTree.chain(tokens)
+
+
+@pytest.mark.parametrize("curve,deep", [(FLAT, True), (LINEAR, False)])
+def test_all_accepted_extreme_follows_the_cost_curve_and_stays_identical(curve, deep):
+    target = tiny_model("llama")
+    prompt = tiny_prompt(1)
+    expected = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    drafter = TargetOracle(expected[0], length=6)
+    got = target.generate(prompt, max_new_tokens=40, do_sample=False, assistant_model=drafter, cost_curve=curve)
+    assert torch.equal(got, expected)
+    stats = drafter.stats
+    assert stats.accepted_tokens == stats.drafted_tokens
+    if deep:
+        assert stats.mean_accepted_tokens > 5
+    else:  # only the first step and the probes draft
+        assert stats.depth_caps.get(0, 0) > stats.target_forwards / 2
+
+
+@pytest.mark.parametrize("make", [lambda target: hf_spec.PromptLookupDrafter(),
+                                  lambda target: hf_spec.DraftModelDrafter(tiny_model("llama", seed=1))])
+def test_measured_curve_by_default_is_greedy_identical_and_fixed_keeps_the_drafters_length(make):
+    target = tiny_model("llama")
+    prompt = tiny_prompt(1)
+    expected = target.generate(prompt, max_new_tokens=24, do_sample=False)
+    drafter = make(target)
+    assert torch.equal(target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter), expected)
+    assert sum(drafter.stats.depth_caps.values()) == drafter.stats.target_forwards
+    fixed = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter, draft_length="fixed")
+    assert torch.equal(fixed, expected) and drafter.stats.depth_caps == {}
+
+
+def test_bad_draft_length_options_are_refused():
+    target = tiny_model("llama")
+    drafter = hf_spec.PromptLookupDrafter()
+    with pytest.raises(UnsupportedError, match="draft_length"):
+        target.generate(tiny_prompt(1), max_new_tokens=4, assistant_model=drafter, draft_length="short")
+    with pytest.raises(UnsupportedError, match="cost_curve"):
+        target.generate(tiny_prompt(1), max_new_tokens=4, assistant_model=drafter, draft_length="fixed",
+                        cost_curve=FLAT)
+
+
+def test_processors_that_ignore_input_ids_score_all_rows_in_one_call_as_row_by_row():
+    tree = hf_spec.DraftTree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, 0, -1, 1]))
+    input_ids = torch.tensor([[1, 2, 3]])
+    logits = torch.randn(tree.num_nodes + 1, 32, generator=torch.Generator().manual_seed(0))
+    warpers = TreeLogitsProcessor(LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(5)]))
+    assert warpers.ignores_input_ids
+    row_by_row = torch.cat([warpers(torch.tensor([[1, 2, 3] + path]), logits[row : row + 1])
+                            for row, path in enumerate(tree.paths)])
+    assert torch.equal(process_block_scores(warpers, input_ids, tree, logits), row_by_row)
+    with_penalty = TreeLogitsProcessor(LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3),
+                                                            TemperatureLogitsWarper(0.7)]))
+    assert not with_penalty.ignores_input_ids
