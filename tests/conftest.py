@@ -17,6 +17,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from hf_spec.engine import goodput
+
+LIBRARY_DEFAULT_DRAFT_LENGTH = goodput.DEFAULT_DRAFT_LENGTH
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -83,6 +87,14 @@ def caller_variables(environ=os.environ) -> list[str]:
 def hermetic_hf_home(tmp_path_factory) -> Path:
     """An empty ``HF_HOME`` for the session: no token, Hub cache or accelerate default config of the caller's."""
     return tmp_path_factory.mktemp("hf_home")
+
+
+@pytest.fixture(autouse=True)
+def fixed_draft_length_by_default(monkeypatch):
+    """Tests check drafters' own lengths and trees, so generate() drafts them every step unless a test passes
+    draft_length="goodput": the cost-aware default chooses from wall-clock timings, which would make those counts
+    vary from run to run (tests/test_goodput.py tests it explicitly)."""
+    monkeypatch.setattr(goodput, "DEFAULT_DRAFT_LENGTH", "fixed")
 
 
 @pytest.fixture(autouse=True)

@@ -113,14 +113,14 @@ DRAFTERS = {
 
 
 def sampled_pvalue(models, scenarios, monkeypatch, drafter: str, verification: str,
-                   samples: int = SAMPLES) -> tuple[float, AcceptedDepthSpy]:
+                   samples: int = SAMPLES, **extra) -> tuple[float, AcceptedDepthSpy]:
     """Chi-square p-value of ``samples`` speculative generate() calls, and how deep the verifier accepted."""
     target, draft = models
     case = scenarios["lookup" if drafter.startswith("lookup") else "draft-model"]
     spy = AcceptedDepthSpy(monkeypatch, verification)
     torch.manual_seed(SEED)
     tokens = sample_generations(target, case.prompt, lambda: DRAFTERS[drafter](draft), samples,
-                                verification=verification, **GENERATION)
+                                verification=verification, **GENERATION, **extra)
     return chi_square_pvalue(joint_counts(tokens, VOCAB, TESTED_TOKENS), case.exact), spy
 
 
@@ -164,6 +164,17 @@ def test_sampled_tokens_follow_target_distribution(models, scenarios, monkeypatc
     # Drafts were wrong at the first node often and right to full depth often: every part of the rule ran.
     assert spy.counts.get(0, 0) >= SAMPLES // 10
     assert spy.steps_reaching(DRAFT_DEPTH) >= SAMPLES // 10
+    assert pvalue > PASS_P
+
+
+def test_cost_aware_draft_length_keeps_the_distribution(models, scenarios, monkeypatch):
+    """draft_length="goodput": each step's depth depends on earlier steps' (random) acceptance, never on the current
+    draft, so the output still follows the target (a cheap-verification curve keeps it drafting)."""
+    curve = hf_spec.CostCurve({1: 1.0, 2: 1.05, 32: 1.6})
+    pvalue, spy = sampled_pvalue(models, scenarios, monkeypatch, "draft-chain", "rrs", draft_length="goodput",
+                                 cost_curve=curve)
+    print(f"\ngoodput / rrs: p = {pvalue:.3g}, steps by accepted draft tokens {sorted(spy.counts.items())}")
+    assert spy.counts.get(0, 0) >= SAMPLES // 10 and sum(spy.counts.values()) > SAMPLES
     assert pvalue > PASS_P
 
 

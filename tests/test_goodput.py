@@ -14,11 +14,12 @@ from transformers import (
 
 import hf_spec
 from hf_spec.drafters.base import Drafter
+from hf_spec.engine import goodput
 from hf_spec.engine.goodput import CostCurve, GoodputPolicy
 from hf_spec.engine.processors import TreeLogitsProcessor
 from hf_spec.engine.target import process_block_scores
 from hf_spec.errors import UnsupportedError
-from tests.conftest import tiny_model, tiny_prompt
+from tests.conftest import LIBRARY_DEFAULT_DRAFT_LENGTH, tiny_model, tiny_prompt
 
 FLAT = CostCurve({1: 1.0, 32: 1.0})
 LINEAR = CostCurve({1: 1.0, 2: 2.0, 32: 32.0})  # a k-token forward costs k one-token forwards: drafting never pays
@@ -90,7 +91,8 @@ def test_all_accepted_extreme_follows_the_cost_curve_and_stays_identical(curve, 
     prompt = tiny_prompt(1)
     expected = target.generate(prompt, max_new_tokens=40, do_sample=False)
     drafter = TargetOracle(expected[0], length=6)
-    got = target.generate(prompt, max_new_tokens=40, do_sample=False, assistant_model=drafter, cost_curve=curve)
+    got = target.generate(prompt, max_new_tokens=40, do_sample=False, assistant_model=drafter, cost_curve=curve,
+                          draft_length="goodput")
     assert torch.equal(got, expected)
     stats = drafter.stats
     assert stats.accepted_tokens == stats.drafted_tokens
@@ -102,7 +104,8 @@ def test_all_accepted_extreme_follows_the_cost_curve_and_stays_identical(curve, 
 
 @pytest.mark.parametrize("make", [lambda target: hf_spec.PromptLookupDrafter(),
                                   lambda target: hf_spec.DraftModelDrafter(tiny_model("llama", seed=1))])
-def test_measured_curve_by_default_is_greedy_identical_and_fixed_keeps_the_drafters_length(make):
+def test_measured_curve_by_default_is_greedy_identical_and_fixed_keeps_the_drafters_length(make, monkeypatch):
+    monkeypatch.setattr(goodput, "DEFAULT_DRAFT_LENGTH", "goodput")  # the library's default (conftest pins "fixed")
     target = tiny_model("llama")
     prompt = tiny_prompt(1)
     expected = target.generate(prompt, max_new_tokens=24, do_sample=False)
@@ -111,6 +114,10 @@ def test_measured_curve_by_default_is_greedy_identical_and_fixed_keeps_the_draft
     assert sum(drafter.stats.depth_caps.values()) == drafter.stats.target_forwards
     fixed = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter, draft_length="fixed")
     assert torch.equal(fixed, expected) and drafter.stats.depth_caps == {}
+
+
+def test_goodput_is_the_librarys_default():
+    assert LIBRARY_DEFAULT_DRAFT_LENGTH == "goodput" and goodput.DEFAULT_DRAFT_LENGTH == "fixed"  # conftest pins it
 
 
 def test_bad_draft_length_options_are_refused():

@@ -101,12 +101,13 @@ def eagle3_drafter(model, **options):
 
 
 # name -> (drafter built from the target, extra generate() options, the prompts it runs on in CI)
-# prompt lookup runs with the cost-aware default; the rest with their own trees every step (at this CPU's cost
-# curve the default drafts little with them, which would leave little to check)
+# prompt lookup runs with the library's cost-aware default; the rest with their own trees every step (at this CPU's
+# cost curve goodput drafts little with them, which would leave little to check)
 FIXED = {"draft_length": "fixed"}
+GOODPUT = {"draft_length": "goodput"}
 DRAFTERS = {
-    "lookup-chain": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8), {}, (3, 11, 15)),
-    "lookup-tree": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8, max_candidates=4), {},
+    "lookup-chain": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8), GOODPUT, (3, 11, 15)),
+    "lookup-tree": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8, max_candidates=4), GOODPUT,
                     (7, 13, 18)),
     "early-exit-chain": (early_exit_drafter, FIXED, (0, 8)),
     "early-exit-static-tree": (lambda model: early_exit_drafter(model, tree="static", top_k=3), FIXED, (1, 9)),

@@ -30,6 +30,7 @@ from .cache import keep_block_rows
 from .target import forward_with_mask
 
 DRAFT_LENGTHS = ("goodput", "fixed")
+DEFAULT_DRAFT_LENGTH = "goodput"  # what generate() uses when draft_length is not given
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32)
 
 
@@ -177,10 +178,13 @@ class GoodputPolicy:
         return value if running is None else self.memory * running + (1 - self.memory) * value
 
 
-def check_draft_length(draft_length: str, cost_curve) -> None:
+def resolve_draft_length(draft_length: str | None, cost_curve) -> str:
+    """``draft_length`` checked, ``None`` meaning ``DEFAULT_DRAFT_LENGTH``."""
+    draft_length = DEFAULT_DRAFT_LENGTH if draft_length is None else draft_length
     if draft_length not in DRAFT_LENGTHS:
         raise UnsupportedError(f"draft_length must be one of {DRAFT_LENGTHS}, got {draft_length!r}: 'goodput' "
                                "chooses each step's depth from the cost curve, 'fixed' drafts the drafter's own "
                                "length.")
     if cost_curve is not None and draft_length != "goodput":
         raise UnsupportedError("cost_curve= only applies with draft_length='goodput'.")
+    return draft_length

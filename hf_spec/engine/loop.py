@@ -20,7 +20,7 @@ from .cache import check_cache_supported, keep_block_rows
 from .processors import TreeLogitsProcessor
 from .target import forward_tree, prefill, process_block_scores
 from .dynamic_tree import TreeSpec
-from .goodput import CostCurve, GoodputPolicy, check_draft_length, measured_cost_curve
+from .goodput import CostCurve, GoodputPolicy, measured_cost_curve, resolve_draft_length
 from .rules import RULES, VerificationRule
 
 # Architectures whose tree attention (4D mask + position ids through the public forward) is tested.
@@ -46,7 +46,7 @@ def speculative_generate(
     tree_budget: int | None = None,
     tree_depth: int | None = None,
     tree_top_k: int | None = None,
-    draft_length: str = "goodput",
+    draft_length: str | None = None,
     cost_curve: CostCurve | None = None,
     hf_spec_streamer=None,
     **model_kwargs,
@@ -62,13 +62,14 @@ def speculative_generate(
     ``"greedy"``, ``"rrs"``, ``"rrs_without_replacement"``, ``"spechub"``, or the lossy ``"typical"``.
     ``tree`` (``"chain"``, ``"static"`` or ``"dynamic"``) with ``tree_budget``, ``tree_depth`` and
     ``tree_top_k`` reshapes the drafter's trees for this call (drafters that grow trees only).
-    ``draft_length="goodput"`` (default) caps each step's draft depth where expected tokens per second peak, from
+    ``draft_length="goodput"`` (the default, ``hf_spec.engine.goodput.DEFAULT_DRAFT_LENGTH``) caps each step's draft
+    depth where expected tokens per second peak, from
     the target's cost curve (``cost_curve``, a ``hf_spec.CostCurve``; measured once per model when not given) and
     running acceptance (``hf_spec.engine.goodput``); ``"fixed"`` drafts the drafter's own length every step.
     Per-call statistics land in ``drafter.stats``.
     """
     rule = _choose_verification(verification, generation_config)
-    check_draft_length(draft_length, cost_curve)
+    draft_length = resolve_draft_length(draft_length, cost_curve)
     _check_request(model, input_ids, generation_config, drafter, model_kwargs)
     logits_processor = TreeLogitsProcessor(logits_processor)
     cache = model_kwargs["past_key_values"]
@@ -106,10 +107,12 @@ def speculative_generate(
             verdict = rule.verify(tree, block_scores)
 
             new_tokens = [tree.token_list[node] for node in verdict.accepted_nodes] + [verdict.next_token]
+            committed = input_ids.shape[1]
+            extended = torch.cat([input_ids, input_ids.new_tensor([new_tokens])], dim=1)  # one copy per step
             emitted = 0
             for token, row in zip(new_tokens, verdict.block_rows):
-                input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
                 emitted += 1
+                input_ids = extended[:, : committed + emitted]  # a view for the stopping criteria
                 if keep_scores:
                     # owned: a view would keep the whole block alive
                     scores.append(block_scores[row : row + 1].clone())
