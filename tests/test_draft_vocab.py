@@ -142,8 +142,8 @@ class ReportsUntrimmedDistribution(hf_spec.DraftModelDrafter):
     """BROKEN: draws each chain token from the trimmed distribution but reports the full-vocabulary one as ``q``
     (the sampled-from and reported distributions disagree: rejection sampling is then biased)."""
 
-    def _pick(self, scores):
-        tokens, _ = super()._pick(scores)
+    def _pick(self, scores, distribution):
+        tokens, _ = super()._pick(scores, distribution)
         with torch.no_grad():
             full = self.draft_model(input_ids=self._cached_ids[None]).logits[:, -1]
         processed = self.logits_processor(self._cached_ids[None], full.double())

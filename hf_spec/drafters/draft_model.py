@@ -112,14 +112,16 @@ class DraftModelDrafter(Drafter):
         chain_parent = -1
         for depth in range(length):
             scores = self.logits_processor(sequence, logits.float()[None])[0]
-            candidates, distributions = self._pick(scores)
+            distribution = torch.softmax(scores, dim=-1) if self._needs_probs() else None  # once: picking, confidence
+            candidates, distributions = self._pick(scores, distribution)
             tokens += candidates
             parents += [chain_parent] * len(candidates)
             probs += distributions
             chain_parent = len(tokens) - len(candidates)
             chain_token = candidates[0]
             sequence = torch.cat([sequence, sequence.new_tensor([[chain_token]])], dim=1)
-            confident = self._confidence(scores, chain_token) >= (self.confidence_threshold or 0.0)
+            threshold = self.confidence_threshold
+            confident = threshold is None or float(distribution[chain_token]) >= threshold
             if depth == length - 1 or not confident:
                 break
             logits = self._run_draft(sequence[0, -1:])
@@ -135,12 +137,20 @@ class DraftModelDrafter(Drafter):
             self.num_tokens = max(self.num_tokens - 1, 1)
 
     # ------------------------------------------------------------------ helpers
-    def _pick(self, scores: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
+    def _siblings(self) -> int:
+        return self.tree_spec.top_k if self.tree_spec.shape == "static" else 1
+
+    def _needs_probs(self) -> bool:
+        return self.do_sample or self._siblings() > 1 or self.confidence_threshold is not None
+
+    def _pick(
+        self, scores: torch.Tensor, distribution: torch.Tensor | None
+    ) -> tuple[list[int], list[torch.Tensor | None]]:
         """Chain token first, then the alternatives; and the distribution each was drawn from."""
-        count = self.tree_spec.top_k if self.tree_spec.shape == "static" else 1
+        count = self._siblings()
         if count == 1 and not self.do_sample:
             return [int(scores.argmax())], [None]
-        return draw_siblings(torch.softmax(scores, dim=-1), count, self.sibling_scheme)
+        return draw_siblings(distribution, count, self.sibling_scheme)
 
     def _propose_dynamic(self, input_ids: torch.Tensor, root_logits: torch.Tensor, depth: int) -> DraftTree:
         """EAGLE-2-style growth: each level runs the draft once over the expanded nodes (tree attention)."""
@@ -169,11 +179,6 @@ class DraftModelDrafter(Drafter):
         positions = committed - 1 + torch.tensor([depths], device=device)
         outputs = forward_with_mask(self._forward_model, self._cache, node_tokens, positions, allowed.to(device))
         return outputs.logits[0]
-
-    def _confidence(self, scores: torch.Tensor, token: int) -> float:
-        if self.confidence_threshold is None:
-            return 1.0
-        return float(torch.softmax(scores, dim=-1)[token])
 
     def _logits_after(self, ids: torch.Tensor) -> torch.Tensor:
         """Bring the draft cache in line with the committed ``ids`` and return the next-token logits."""
