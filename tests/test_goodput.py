@@ -72,6 +72,27 @@ def test_expensive_drafts_shorten_the_draft():
     assert costly.depth_cap(16) < cheap.depth_cap(16)
 
 
+def test_a_depth_no_longer_drafted_is_not_locked_out_by_a_pessimistic_prior():
+    # The Qwen2.5-Coder 1.5B/0.5B pair's measured curve and costs: one free step that accepted all five levels,
+    # then many depth-1 steps (all accepted). Depth 2's own evidence decays meanwhile; it must still look as good
+    # as depth 1 says, so the policy drafts deeper again instead of staying at one level for the rest of the text.
+    curve = CostCurve({1: 1.0, 2: 1.26, 4: 1.32, 8: 1.45, 16: 1.82})
+    policy = GoodputPolicy(curve)
+    policy.record(depth=5, nodes=5, accepted=5, target_seconds=0.22, draft_seconds=0.8)
+    for _ in range(60):
+        policy.record(depth=1, nodes=1, accepted=1, target_seconds=0.21, draft_seconds=0.09)
+    assert policy.acceptance(2) > 0.9
+    assert policy.depth_cap(16) >= 3
+
+
+def test_the_first_steps_draft_time_is_not_taken_as_the_cost_per_level():
+    policy = GoodputPolicy(FLAT)
+    policy.record(depth=4, nodes=4, accepted=4, target_seconds=0.1, draft_seconds=10.0)  # includes the prefill
+    assert policy.draft_seconds_per_level is None
+    policy.record(depth=4, nodes=4, accepted=4, target_seconds=0.1, draft_seconds=0.4)
+    assert policy.draft_seconds_per_level == pytest.approx(0.1)
+
+
 class TargetOracle(Drafter):
     """Drafts the target's own greedy continuation (known in advance): every draft token is accepted."""
 

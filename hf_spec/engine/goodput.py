@@ -116,7 +116,8 @@ class GoodputPolicy:
         self.reached: list[float] = []  # reached[j - 1]: (decayed) steps whose tree reached depth j with j - 1 accepted
         self.accepted: list[float] = []  # accepted[j - 1]: of those, the steps that accepted depth j
         self.one_token_seconds: float | None = None
-        self.draft_seconds_per_level = 0.0
+        self.draft_seconds_per_level: float | None = None
+        self._steps = 0
         self.nodes_per_level = 1.0
         self.deepest = 0
         self._plain_steps = 0
@@ -142,14 +143,19 @@ class GoodputPolicy:
         return total
 
     def acceptance(self, depth: int) -> float:
-        """Running estimate of P(depth accepted | depth - 1 accepted), shrunk towards the prior."""
+        """Running estimate of P(depth accepted | depth - 1 accepted), shrunk towards the estimate one level up.
+
+        Shrinking towards the shallower level (not a fixed prior) keeps a depth the policy stopped drafting from
+        looking worse than the evidence says: its counts decay while it is not drafted, and a fixed pessimistic
+        prior would then lock the draft at the shallower depth for good."""
+        prior = self.prior_acceptance if depth == 1 else self.acceptance(depth - 1)
         reached = self.reached[depth - 1] if depth <= len(self.reached) else 0.0
         accepted = self.accepted[depth - 1] if depth <= len(self.accepted) else 0.0
-        return (accepted + self.prior_strength * self.prior_acceptance) / (reached + self.prior_strength)
+        return (accepted + self.prior_strength * prior) / (reached + self.prior_strength)
 
     def step_seconds(self, depth: int) -> float:
         rows = 1 + self.nodes_per_level * depth
-        return self.one_token_seconds * self.curve(rows) + self.draft_seconds_per_level * depth
+        return self.one_token_seconds * self.curve(rows) + (self.draft_seconds_per_level or 0.0) * depth
 
     def tokens_per_second(self, depth: int) -> float:
         return self.expected_tokens(depth) / self.step_seconds(depth)
@@ -166,9 +172,11 @@ class GoodputPolicy:
             self.accepted[level - 1] += level <= accepted
         one_token = target_seconds / self.curve(1 + nodes)
         self.one_token_seconds = self._average(self.one_token_seconds, one_token)
+        self._steps += 1
         if depth:
-            self.draft_seconds_per_level = self._average(self.draft_seconds_per_level, draft_seconds / depth)
             self.nodes_per_level = self._average(self.nodes_per_level, nodes / depth)
+            if self._steps > 1:  # the first step's draft time includes the drafter's own prefill of the prompt
+                self.draft_seconds_per_level = self._average(self.draft_seconds_per_level, draft_seconds / depth)
 
     def _forget(self) -> None:
         self.reached = [count * self.memory for count in self.reached]
