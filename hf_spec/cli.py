@@ -52,7 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     path = model_commands.add_parser("path", help="print the folder of a prepared model")
     path.add_argument("name")
 
+    hub = commands.add_parser("hub", help="Hub repos generated from hf_spec itself")
+    hub_commands = hub.add_subparsers(dest="hub_command", required=True)
+    custom_generate = hub_commands.add_parser(
+        "custom-generate", help="build hf_spec's loop as a custom_generate repo folder (and push it): "
+        "generate(custom_generate=<repo>, trust_remote_code=True) without installing hf_spec")
+    custom_generate.add_argument("--out", help="folder to write (default: hub/custom_generate in the checkout; a "
+                                 "temporary folder with --push)")
+    custom_generate.add_argument("--push", metavar="REPO_ID", help="upload the folder to this Hub repo")
+    custom_generate.add_argument("--private", action="store_true", help="create the repo private")
+
     args = parser.parse_args(argv)
+    if args.command == "hub":
+        return _run_custom_generate(args)
     if args.command in ("demo", "bench"):
         return _run_bench(args, preset="demo" if args.command == "demo" else args.preset)
     if args.command == "cost":
@@ -72,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{MODEL_PREFIX}{name}")
     else:
         print(offline_models.model_path(args.name))
+    return 0
+
+
+def _run_custom_generate(args) -> int:
+    import tempfile
+
+    from . import custom_generate_repo
+
+    if args.push is None:
+        print(custom_generate_repo.build(args.out or custom_generate_repo.DEFAULT_OUT))
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = custom_generate_repo.build(args.out or f"{scratch}/repo", repo_id=args.push)
+        print(custom_generate_repo.push(folder, args.push, private=args.private or None))
     return 0
 
 

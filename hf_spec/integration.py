@@ -47,14 +47,20 @@ def install() -> None:
         drafter = _drafter_of(arguments)
         if drafter is None:
             return original(self, *args, **kwargs)
-        arguments["custom_generate"] = speculative_generate
-        arguments["drafter"] = drafter
-        arguments["hf_spec_streamer"] = arguments.pop("streamer", None)
-        _move_stop_strings_into_criteria(self, arguments)
-        return original(self, **arguments)
+        return original(self, **speculative_call(self, arguments, drafter))
 
     setattr(generate, _MARK, True)
     GenerationMixin.generate = generate
+
+
+def speculative_call(model, arguments: dict, drafter) -> dict:
+    """``generate()`` arguments (by name) rewritten to run hf_spec's loop with ``drafter`` through the callable
+    ``custom_generate`` path; also what the ``custom_generate`` Hub repo's entry point does (``hub_generate.py``)."""
+    arguments["custom_generate"] = speculative_generate
+    arguments["drafter"] = drafter
+    arguments["hf_spec_streamer"] = arguments.pop("streamer", None)
+    _move_stop_strings_into_criteria(model, arguments)
+    return arguments
 
 
 def _drafter_of(arguments: dict) -> Drafter | None:
