@@ -163,3 +163,17 @@ def test_processors_that_ignore_input_ids_score_all_rows_in_one_call_as_row_by_r
     with_penalty = TreeLogitsProcessor(LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3),
                                                             TemperatureLogitsWarper(0.7)]))
     assert not with_penalty.ignores_input_ids
+
+
+def test_goodput_may_draft_a_draft_model_past_its_default_length_up_to_max_num_tokens():
+    target = tiny_model("llama")
+    prompt = tiny_prompt(1)
+    expected = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    depths = {}
+    for draft_length in ("goodput", "fixed"):
+        drafter = hf_spec.DraftModelDrafter(target, num_tokens=2, max_num_tokens=6)  # the target: all accepted
+        got = target.generate(prompt, max_new_tokens=40, do_sample=False, assistant_model=drafter,
+                              draft_length=draft_length, cost_curve=FLAT if draft_length == "goodput" else None)
+        assert torch.equal(got, expected)
+        depths[draft_length] = max(int(key) for key in drafter.stats.steps_by_accepted)
+    assert depths == {"goodput": 6, "fixed": 2}

@@ -32,6 +32,9 @@ class DraftRequest:
     Attributes:
         input_ids: ``(batch, length)`` committed tokens; the last one is the root of the draft tree.
         max_tokens: the most draft tokens worth proposing (more could never be emitted).
+        engine_sets_length: ``max_tokens`` is the depth the engine chose for this step (``draft_length="goodput"``
+            once it has estimates), not only a bound: a drafter whose length is a setting rather than its
+            structure may draft up to it, past its own default (``DraftModelDrafter``: up to ``max_num_tokens``).
         target_features: ``(batch, rows, dim)`` features (the layers of ``Drafter.target_features``,
             concatenated) of the committed positions ``length - 1 - rows .. length - 2`` that the
             drafter has not been given before. The feature at position ``t`` is the target's state
@@ -42,6 +45,7 @@ class DraftRequest:
     input_ids: torch.Tensor
     max_tokens: int
     target_features: torch.Tensor | None = None
+    engine_sets_length: bool = False
 
     @property
     def last_feature(self) -> torch.Tensor:

@@ -40,7 +40,8 @@ class DraftModelDrafter(Drafter):
         top_k: alternatives per depth (default 2 for "static", 4 for "dynamic"); ``top_k > 1`` with
             ``tree="chain"`` means "static".
         tree_budget: nodes kept in a dynamic tree.
-        max_num_tokens: upper bound for the heuristic schedule.
+        max_num_tokens: upper bound for the heuristic schedule, and for the depth the cost-aware default
+            (``draft_length="goodput"``) may choose per step; ``num_tokens`` is then the first step's length.
         draft_vocab: a ``DraftVocabulary`` (VocabTrim / FR-Spec / EAGLE-3's d2t): the draft scores only
             these target tokens (its lm_head rows are sliced once per generate() call), so each draft
             step costs less; draft distributions are exactly zero outside the subset, greedy drafts
@@ -97,7 +98,9 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, request: DraftRequest) -> DraftTree:
         ids = request.input_ids[0]
-        length = min(self.tree_spec.depth or self.num_tokens, request.max_tokens)
+        own_length = self.tree_spec.depth or self.num_tokens
+        ceiling = max(own_length, self.max_num_tokens) if request.engine_sets_length else own_length
+        length = min(ceiling, request.max_tokens)
         if length == 0:
             return DraftTree.empty(ids.device)
         logits = self._logits_after(ids)

@@ -123,9 +123,14 @@ class GoodputPolicy:
         self.deepest = 0
         self._plain_steps = 0
 
+    @property
+    def has_estimates(self) -> bool:
+        """Whether a step has been measured (before that, the drafter drafts its own length)."""
+        return self.one_token_seconds is not None
+
     def depth_cap(self, limit: int) -> int:
         """The depth to draft this step, at most ``limit``; the first step (nothing measured yet) drafts freely."""
-        if self.one_token_seconds is None:
+        if not self.has_estimates:
             return limit
         candidates = range(min(self.deepest + 1, limit) + 1)
         best = max(candidates, key=lambda depth: (self.tokens_per_second(depth), -depth))

@@ -98,9 +98,10 @@ def speculative_generate(
             step_start = time.perf_counter()
             remaining = generation_config.max_length - input_ids.shape[1]
             max_tokens = max(remaining - 1, 0)
+            engine_sets_length = policy is not None and policy.has_estimates
             if policy is not None:
                 max_tokens = policy.depth_cap(max_tokens)
-            tree = drafter.propose(DraftRequest(input_ids, max_tokens, new_features))
+            tree = drafter.propose(DraftRequest(input_ids, max_tokens, new_features, engine_sets_length))
             drafted = time.perf_counter()
             block_start = cache.get_seq_length()
             forward = forward_tree(model, cache, input_ids[0, -1], tree, features)
