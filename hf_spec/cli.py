@@ -154,6 +154,8 @@ def _add_bench_arguments(bench) -> None:
     bench.add_argument("--out", help="output folder (default outputs/bench/<target>-<mode>)")
     bench.add_argument("--cpu-fast-path", dest="cpu_fast_path", action="store_true", default=None,
                        help="hf_spec.accelerate_for_cpu on the target and draft first (oneDNN packed linears)")
+    bench.add_argument("--default-kernels-baseline", dest="default_kernels_baseline", action="store_true", default=None,
+                       help="with --cpu-fast-path: also time plain generate() on an unaccelerated copy of the target")
     bench.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     bench.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
 

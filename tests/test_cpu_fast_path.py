@@ -94,3 +94,19 @@ def test_bench_runs_with_the_fast_path_on_target_and_early_exit_draft(tmp_path):
     result = run_bench(config, target=target, tokenizer=tokenizer, prompts=PROMPTS)
     assert cpu_backend(target) == "onednn" and all(row["identical"] for row in result.rows)
     assert "onednn kernels" in result.table
+
+
+def test_bench_times_plain_decoding_with_default_kernels_in_the_same_run(tmp_path):
+    from hf_spec.bench import make_config, run_bench
+    from tests.test_bench import PROMPTS, byte_tokenizer, tiny_llama
+
+    tokenizer = byte_tokenizer()
+    target = tiny_llama(len(tokenizer), dtype=torch.float32)
+    config = make_config(max_new_tokens=6, repeats=1, warmup=0, threads=1, out=str(tmp_path), progress=False,
+                         cpu_fast_path=True, default_kernels_baseline=True, methods=["plain", "PromptLookupDrafter"])
+    result = run_bench(config, target=target, tokenizer=tokenizer, prompts=PROMPTS)
+    names = [row["method"] for row in result.rows]
+    assert names == ["plain", "plain_default_kernels", "PromptLookupDrafter"]
+    assert cpu_backend(target) == "onednn"
+    with pytest.raises(ValueError, match="set cpu_fast_path too"):
+        make_config(default_kernels_baseline=True)

@@ -49,6 +49,9 @@ class BenchConfig:
     table: str = "spec_bench"  # "spec_bench": speedup per task group; "demo": one compact row per method
     cost_curve: bool = True  # measure the target's c(k)/c(1) after the run (hf_spec.bench.cost) and show it
     cpu_fast_path: bool = False  # hf_spec.accelerate_for_cpu on the target and the draft before measuring anything
+    # With cpu_fast_path: also time plain generate() on an unaccelerated copy of the target, in the same run (the
+    # end-to-end gain over default kernels; the row's speedup is its ratio to plain decoding with the fast path).
+    default_kernels_baseline: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -98,6 +101,9 @@ def _validate(config: BenchConfig) -> None:
     if config.early_exit_layers is not None and config.early_exit_layers < 1:
         raise ValueError(f"early_exit_layers must be at least 1 (or null for no early-exit draft), "
                          f"got {config.early_exit_layers}.")
+    if config.default_kernels_baseline and not config.cpu_fast_path:
+        raise ValueError("default_kernels_baseline compares plain decoding without the fast path to plain decoding "
+                         "with it: set cpu_fast_path too (--cpu-fast-path).")
     if config.table not in TABLES:
         raise ValueError(f"table must be one of {', '.join(TABLES)}, got {config.table!r}.")
     if not isinstance(config.labels, dict):

@@ -93,9 +93,19 @@ def register(name: str, branching: bool = False) -> Callable[[Factory], Factory]
 # --------------------------------------------------------------------------------------------- registered
 
 
+DEFAULT_KERNELS = "plain_default_kernels"
+
+
 @register(BASELINE)
 def plain(target, draft, generation: dict) -> Method:
     return Method(BASELINE, "baseline", _generate(target, generation), description="plain generate()")
+
+
+def plain_default_kernels(unaccelerated_target, generation: dict) -> Method:
+    """Plain decoding on a copy of the target taken before ``hf_spec.accelerate_for_cpu`` (the bench's
+    ``default_kernels_baseline``): the fast path's end-to-end gain, measured in the same run."""
+    return Method(DEFAULT_KERNELS, "baseline", _generate(unaccelerated_target, generation),
+                  description="plain generate() with torch's default kernels")
 
 
 @register("transformers_assisted")

@@ -10,6 +10,7 @@ repetitions in interleaved order, check greedy outputs against plain decoding, s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import statistics
 import sys
@@ -29,7 +30,7 @@ from .cost import cost_curve, curve_line
 from .environment import cpu_name, environment, load_average, model_info
 from .identity import Mismatch, check_identity, explain
 from .measure import Measurement, measure, warm_up
-from .methods import BASELINE, Method, build_methods
+from .methods import BASELINE, Method, build_methods, plain_default_kernels
 from .metrics import summarize
 from .render import BenchItem, render_items
 from .report import demo_markdown, markdown, plot, unique_mismatches, write_json
@@ -68,6 +69,7 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     if target is None:
         target, tokenizer = load_model(config.target)
     draft, draft_label = _draft(config, target, draft)
+    unaccelerated = copy.deepcopy(target) if config.default_kernels_baseline else None
     if config.cpu_fast_path:  # after the early exit is cut from the target's weights; each model packs its own
         accelerate_for_cpu(target)
         if draft is not None:
@@ -76,6 +78,8 @@ def run_bench(config: BenchConfig, *, target=None, tokenizer=None, draft=None,
     generation = generation_kwargs(config)
 
     methods, skipped = build_methods(target, draft, generation, config.methods)
+    if unaccelerated is not None:
+        methods.insert(1, plain_default_kernels(unaccelerated, generation))
     baseline = methods[0]
     items = render_items(prompts, tokenizer, lambda ids: baseline.generate(ids)[0, ids.shape[1]:], config.progress)
     unsupported = warm_up(methods, items[0], config.warmup)
