@@ -54,15 +54,16 @@ class Measurement:
 class ForwardCounter:
     """Counts a model's forward calls (for transformers' own methods, whose decoding steps hf_spec cannot see)."""
 
-    def __init__(self, model):
+    def __init__(self, *models):
         self.calls = 0
-        self.handle = model.register_forward_pre_hook(self._count)
+        self.handles = [model.register_forward_pre_hook(self._count) for model in models]
 
     def _count(self, *_):
         self.calls += 1
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def warm_up(methods: list[Method], item: BenchItem, rounds: int = 1) -> dict[str, str]:
@@ -89,7 +90,7 @@ def measure(target, methods: list[Method], items: list[BenchItem], repeats: int,
 
     Returns the measurements and the generated token ids keyed by ``(method, item id, repeat)``.
     """
-    counter = ForwardCounter(target)
+    counter = ForwardCounter(target, *[method.model for method in methods if method.model is not None])
     measurements: list[Measurement] = []
     outputs: dict[tuple, list[int]] = {}
     total = repeats * len(items) * len(methods)

@@ -69,6 +69,7 @@ class Method:
     drafter: Drafter | None = None
     lossless: bool = True
     description: str = ""
+    model: object | None = None  # the model it decodes with when that is not the bench's target (forwards counted)
 
 
 Factory = Callable[[object, object, dict], "Method | None"]
@@ -105,7 +106,7 @@ def plain_default_kernels(unaccelerated_target, generation: dict) -> Method:
     """Plain decoding on a copy of the target taken before ``hf_spec.accelerate_for_cpu`` (the bench's
     ``default_kernels_baseline``): the fast path's end-to-end gain, measured in the same run."""
     return Method(DEFAULT_KERNELS, "baseline", _generate(unaccelerated_target, generation),
-                  description="plain generate() with torch's default kernels")
+                  description="plain generate() with torch's default kernels", model=unaccelerated_target)
 
 
 @register("transformers_assisted")
