@@ -188,3 +188,30 @@ def test_recipe_under_two_process_launches(tmp_path, mode, zero_stage):
     assert summary["processes"] == 2 and summary["steps"] == 6
     assert summary.get("zero_stage", 0) == zero_stage
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.num_hidden_layers == 1
+
+
+# ---------------------------------------------------------------------------- publishing
+def test_a_distilled_student_pushes_and_loads_by_id_as_a_drafter(tmp_path):
+    """save_student's folder (card, tokenizer, weights) through a local Hub, back as
+    DraftModelDrafter.from_pretrained("<id>"), and greedy decoding with it identical to plain generate()."""
+    from tests.test_hub_medusa import LocalHub, hub_env, run_python
+
+    target_folder = learnable_target(tmp_path / "target")
+    target = AutoModelForCausalLM.from_pretrained(target_folder)
+    save_student(student_from_target(target, 1), tiny_tokenizer(), tmp_path / "student", "---\ntags: [x]\n---\n")
+    with LocalHub() as hub:
+        result = run_python(f"""
+import json, torch, hf_spec
+from transformers import AutoModelForCausalLM
+from hf_spec.training.hub import push_folder_to_hub
+push_folder_to_hub("{tmp_path / 'student'}", "tester/tiny-draft")
+drafter = hf_spec.DraftModelDrafter.from_pretrained("tester/tiny-draft", num_tokens=3)
+target = AutoModelForCausalLM.from_pretrained("{target_folder}").eval()
+prompt = torch.tensor([[5, 9, 12, 7, 5, 9]])
+plain = target.generate(prompt, max_new_tokens=20, do_sample=False)
+got = target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=drafter)
+print(json.dumps({{"same": torch.equal(plain, got), "layers": drafter.draft_model.config.num_hidden_layers}}))
+""", hub_env(hub, tmp_path))
+        files = hub.repos["tester/tiny-draft"]
+    assert result == {"same": True, "layers": 1}
+    assert "model.safetensors" in files and "README.md" in files and "tokenizer.json" in files

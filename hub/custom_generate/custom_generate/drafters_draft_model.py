@@ -71,6 +71,16 @@ class DraftModelDrafter(Drafter):
         self.draft_vocab = draft_vocab
         self._forward_model = draft_model  # the draft model, or its trimmed-vocabulary view (set in begin)
 
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None,
+                        token: str | bool | None = None, **drafter_kwargs) -> DraftModelDrafter:
+        """A draft model from a folder or Hub id (e.g. one distilled with ``recipes/distill_draft.py``), loaded with
+        transformers' ``AutoModelForCausalLM`` and wrapped: ``drafter_kwargs`` are the constructor's."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, revision=revision, token=token)
+        return cls(model.eval(), **drafter_kwargs)
+
     def begin(self, target, input_ids, generation_config, logits_processor, sibling_scheme="top_k",
               tree_spec: TreeSpec | None = None) -> None:
         """``tree_spec`` is the ``TreeSpec`` of ``generate(tree=...)``, ``None`` for the constructor's."""
