@@ -1,5 +1,5 @@
-"""recipes/train.py (the training core, with the Medusa, EAGLE-3, Clover-2 and Falcon methods) under every launch it
-supports, on the tiny random Llama (CPU, gloo).
+"""recipes/train.py (the training core, with the Medusa, EAGLE-3, Clover-2, Falcon and gated-LoRA MTP methods) under
+every launch it supports, on the tiny random Llama (CPU, gloo).
 
 Each mode trains 8 steps with a checkpoint at step 4, then a second launch resumes from that
 checkpoint: the loss must be finite and decreasing, every rank must hold identical weights, and the
@@ -175,6 +175,35 @@ def test_autoregressive_drafters_train_in_every_launch_mode(mode, method, tmp_pa
     if method == "eagle3":
         exported = json.loads((output / "speculators" / "config.json").read_text())
         assert exported["speculators_model_type"] == "eagle3" and exported["draft_vocab_size"] == 64
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gated_lora_mtp_trains_in_every_launch_mode(mode, tmp_path):
+    """Gated-LoRA MTP (the base model itself drafts, through a LoRA gated to mask rows) on the same core: the frozen
+    base runs inside the objective, ZeRO-3 shards it, and only the adapter is exported."""
+    output = tmp_path / "mtp"
+    summary = train(mode, output, tmp_path / "data", "training.save_every_steps=null",
+                    recipe="configs/mtp/tiny-random.yaml")
+    assert summary["method"] == "Gated-LoRA MTP" and summary["processes"] == MODES[mode]
+    assert summary["replicas_identical"]
+    losses = step_losses(output)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
+    assert sum(losses[s] for s in (7, 8)) < sum(losses[s] for s in (1, 2)), losses
+    evaluation = summary["evaluation"]
+    assert len(evaluation["slot_top1"]) == 3 and evaluation["anchors"] > 0
+    assert 1.0 <= evaluation["tau_chain"] <= 4.0 and 1.0 <= evaluation["tau_expected"] <= 4.0
+
+    from hf_spec.drafters.mtp import MTPModel
+    from hf_spec.training.models import load_target
+
+    base, _ = load_target("hf_spec:tiny-random-llama", "float32", None)
+    adapter = MTPModel.from_pretrained(output, base=base)
+    exported = load_file(output / "model.safetensors")
+    assert exported.keys() == adapter.adapter_state_dict().keys()  # the adapter only, never the base model
+    assert not any(name.endswith(".base_layer.weight") or "embed_tokens" in name for name in exported)
+    card = (output / "README.md").read_text()
+    assert "Gated-LoRA MTP adapter for `hf_spec:tiny-random-llama`" in card and "| 2 | 3 |" in card
 
 
 def test_a_multi_process_launch_reads_prepared_data_and_never_builds_it(tmp_path):

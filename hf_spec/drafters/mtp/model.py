@@ -134,6 +134,12 @@ class MTPModel(nn.Module):
         update = self.sampler(torch.cat([previous, mask_hidden], dim=-1))
         return self.unembed(mask_hidden + update if self.config.sampler_residual else update)
 
+    def forward(self, input_ids: torch.Tensor, mask_after, attention_mask: torch.Tensor | None = None,
+                with_sampler: bool = True, gate: str = "mask") -> MTPOutput:
+        """``forward_layout`` through the module's ``__call__``, so that module hooks run around it: DeepSpeed ZeRO-3
+        gathers a module's own parameters (here ``mask_embeddings``) only around that module's forward."""
+        return self.forward_layout(input_ids, mask_after, attention_mask, with_sampler=with_sampler, gate=gate)
+
     def forward_layout(self, input_ids: torch.Tensor, mask_after, attention_mask: torch.Tensor | None = None,
                        with_sampler: bool = True, gate: str = "mask") -> MTPOutput:
         """One forward over ``input_ids`` ``(B, n)`` with a block of ``k`` mask tokens after each position in
@@ -177,9 +183,23 @@ class MTPModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for name, parameter in self.named_parameters() if _is_adapter_tensor(name)]
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``model.safetensors`` (the adapter tensors) and ``config.json`` into ``save_directory``, atomically."""
-        return save_weights_and_config(save_directory, self.adapter_state_dict(), self.config.to_dict(),
+    def save_pretrained(self, save_directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``model.safetensors`` (the adapter tensors) and ``config.json`` into ``save_directory``, atomically.
+
+        ``state_dict``: the adapter tensors to write instead of this model's (e.g. gathered from ZeRO-3 shards by the
+        training recipe); it must hold exactly the names and shapes of ``adapter_state_dict()``."""
+        tensors = self.adapter_state_dict()
+        if state_dict is not None:  # shapes from the parameters: a ZeRO-3 partitioned one keeps its own as ds_shape
+            expected = {name: tuple(getattr(parameter, "ds_shape", parameter.shape))
+                        for name, parameter in self.named_parameters() if _is_adapter_tensor(name)}
+            given = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+            if given != expected:
+                missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+                reshaped = sorted(name for name in set(given) & set(expected) if given[name] != expected[name])
+                raise ValueError(f"state_dict does not match this model's adapter tensors: missing {missing[:6]}, "
+                                 f"unexpected {unexpected[:6]}, other shapes {reshaped[:6]}.")
+            tensors = state_dict
+        return save_weights_and_config(save_directory, tensors, self.config.to_dict(),
                                        metadata={"format": "pt", "hf_spec_method": "mtp"})
 
     @classmethod
