@@ -64,6 +64,28 @@ def test_policy_stops_drafting_when_nothing_pays_but_probes():
     assert caps.count(0) == 6 and caps[3] > 0 and caps[7] > 0
 
 
+def test_failed_probes_back_off_and_an_accepted_probe_resets_the_interval():
+    policy = GoodputPolicy(LINEAR, probe_every=4, max_probe_every=16)
+    for _ in range(20):
+        policy.record(depth=4, nodes=4, accepted=0, target_seconds=0.25, draft_seconds=0.02)
+
+    def steps_until_probe() -> int:
+        for step in range(1, 100):
+            depth = policy.depth_cap(10)
+            policy.record(depth=depth, nodes=depth, accepted=0, target_seconds=0.25 * (1 + depth), draft_seconds=0.0)
+            if depth:
+                return step
+        raise AssertionError("no probe")
+
+    assert [steps_until_probe() for _ in range(4)] == [4, 8, 16, 16]  # doubling, capped
+    policy.depth_cap(10)  # plain
+    depths = []
+    while not depths or not depths[-1]:
+        depths.append(policy.depth_cap(10))
+    policy.record(depth=depths[-1], nodes=depths[-1], accepted=1, target_seconds=0.5, draft_seconds=0.0)
+    assert policy._probe_interval == 4
+
+
 def test_expensive_drafts_shorten_the_draft():
     cheap, costly = GoodputPolicy(CostCurve({1: 1.0, 32: 1.5})), GoodputPolicy(CostCurve({1: 1.0, 32: 1.5}))
     for _ in range(30):

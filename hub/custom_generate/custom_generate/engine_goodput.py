@@ -12,7 +12,9 @@ and the engine passes ``argmax tokens(D) / seconds(D)`` to the drafter as ``Draf
 target's cost curve (``CostCurve``: measured once per model, backend and thread count on the live KV cache, or given);
 ``t(1)``, the drafter's cost per level, its nodes per level and the ``alpha_j`` are running estimates over recent steps
 (exponential forgetting; ``alpha_j`` counts only steps whose tree reached depth ``j``). When no depth pays (``D = 0``:
-a plain decoding step), every ``probe_every``-th such step still drafts, so the estimates can recover.
+a plain decoding step), a step still drafts after ``probe_every`` such steps, so the estimates can recover; each probe
+that gets nothing accepted doubles that interval (up to ``max_probe_every``), an accepted one resets it, so a drafter
+that is never right costs ever less.
 
 The depth never depends on the current step's draft or the target's randomness in it, so verification stays
 lossless whatever the policy chooses.
@@ -110,10 +112,12 @@ class GoodputPolicy:
     """Chooses each step's depth cap from the cost curve and running acceptance and timing estimates."""
 
     def __init__(self, curve: CostCurve, prior_acceptance: float = 0.6, prior_strength: float = 2.0,
-                 memory: float = 0.95, probe_every: int = 8):
+                 memory: float = 0.95, probe_every: int = 8, max_probe_every: int = 64):
         self.curve = curve
         self.prior_acceptance, self.prior_strength = prior_acceptance, prior_strength
-        self.memory, self.probe_every = memory, probe_every
+        self.memory, self.probe_every, self.max_probe_every = memory, probe_every, max_probe_every
+        self._probe_interval = probe_every
+        self._probing = False
         self.reached: list[float] = []  # reached[j - 1]: (decayed) steps whose tree reached depth j with j - 1 accepted
         self.accepted: list[float] = []  # accepted[j - 1]: of those, the steps that accepted depth j
         self.one_token_seconds: float | None = None
@@ -136,7 +140,9 @@ class GoodputPolicy:
         best = max(candidates, key=lambda depth: (self.tokens_per_second(depth), -depth))
         if best == 0 and limit > 0:
             self._plain_steps += 1
-            if self._plain_steps % self.probe_every == 0:
+            if self._plain_steps >= self._probe_interval:
+                self._plain_steps = 0
+                self._probing = True
                 best = max(candidates[1:], key=lambda depth: (self.tokens_per_second(depth), -depth))
         return best
 
@@ -169,6 +175,10 @@ class GoodputPolicy:
     def record(self, depth: int, nodes: int, accepted: int, target_seconds: float, draft_seconds: float) -> None:
         """One verified step: its tree's depth and node count, the accepted draft tokens, and the time spent."""
         self.deepest = max(self.deepest, depth)
+        if self._probing:
+            self._probing = False
+            failed = accepted == 0
+            self._probe_interval = min(2 * self._probe_interval, self.max_probe_every) if failed else self.probe_every
         self._forget()
         while len(self.reached) < depth:
             self.reached.append(0.0)
