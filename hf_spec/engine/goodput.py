@@ -21,7 +21,6 @@ lossless whatever the policy chooses.
 
 from __future__ import annotations
 
-import statistics
 import time
 import weakref
 
@@ -78,9 +77,11 @@ class CostCurve:
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def measured_cost_curve(model, cache, root_token: torch.Tensor, repeats: int = 2) -> CostCurve:
+def measured_cost_curve(model, cache, root_token: torch.Tensor, repeats: int = 3) -> CostCurve:
     """The target's cost curve on the live cache (the rows written are rolled back), measured once per model, CPU
-    backend (``hf_spec.accelerate_for_cpu`` changes it), device and thread count, then reused."""
+    backend (``hf_spec.accelerate_for_cpu`` changes it), device and thread count, then reused. Each point is the
+    fastest of ``repeats`` forwards: interference (another process, a page fault) only ever adds time, and one
+    disturbed point would otherwise steer every later call."""
     from ..cpu_fast_path import cpu_backend  # the fast path imports the engine's neighbours, not the reverse
 
     device = root_token.device
@@ -104,7 +105,7 @@ def _forward_seconds(model, cache, root_token: torch.Tensor, rows: int, repeats:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
         keep_block_rows(cache, start, [])
-    return statistics.median(times[1:])
+    return min(times[1:])
 
 
 class GoodputPolicy:
