@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from hf_spec.training.distill import (
     tokens_per_step,
 )
 from tests.conftest import tiny_model
+from tests.test_training_launch import free_port
 
 pytest.importorskip("trl")
 REPO = Path(__file__).resolve().parents[1]
@@ -162,12 +162,6 @@ def test_plain_prompts_need_on_policy_or_teacher_samples(tmp_path):
 
 
 # ---------------------------------------------------------------------------- accelerate launch
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode,zero_stage", [("ddp", 0), ("zero2", 2), ("zero3", 3)])
 def test_recipe_under_two_process_launches(tmp_path, mode, zero_stage):
     """recipes/distill_draft.py with 2 CPU processes (DDP over gloo, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU

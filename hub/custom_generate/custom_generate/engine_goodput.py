@@ -137,23 +137,21 @@ class GoodputPolicy:
         """The depth to draft this step, at most ``limit``; the first step (nothing measured yet) drafts freely."""
         if not self.has_estimates:
             return limit
-        candidates = range(min(self.deepest + 1, limit) + 1)
-        best = max(candidates, key=lambda depth: (self.tokens_per_second(depth), -depth))
+        deepest = min(self.deepest + 1, limit)
+        tokens = self._expected_tokens_up_to(deepest)  # one pass over the levels, shared by every candidate depth
+        rates = [tokens[depth] / self.step_seconds(depth) for depth in range(deepest + 1)]
+        best = max(range(deepest + 1), key=lambda depth: (rates[depth], -depth))
         if best == 0 and limit > 0:
             self._plain_steps += 1
             if self._plain_steps >= self._probe_interval:
                 self._plain_steps = 0
                 self._probing = True
-                best = max(candidates[1:], key=lambda depth: (self.tokens_per_second(depth), -depth))
+                best = max(range(1, deepest + 1), key=lambda depth: (rates[depth], -depth))
         return best
 
     def expected_tokens(self, depth: int) -> float:
         """``1 + sum_{d <= depth} P(the first d draft levels are accepted)``."""
-        total, reach = 1.0, 1.0
-        for level in range(depth):
-            reach *= self.acceptance(level + 1)
-            total += reach
-        return total
+        return self._expected_tokens_up_to(depth)[depth]
 
     def acceptance(self, depth: int) -> float:
         """Running estimate of P(depth accepted | depth - 1 accepted), shrunk towards the estimate one level up.
@@ -161,17 +159,29 @@ class GoodputPolicy:
         Shrinking towards the shallower level (not a fixed prior) keeps a depth the policy stopped drafting from
         looking worse than the evidence says: its counts decay while it is not drafted, and a fixed pessimistic
         prior would then lock the draft at the shallower depth for good."""
-        prior = self.prior_acceptance if depth == 1 else self.acceptance(depth - 1)
-        reached = self.reached[depth - 1] if depth <= len(self.reached) else 0.0
-        accepted = self.accepted[depth - 1] if depth <= len(self.accepted) else 0.0
-        return (accepted + self.prior_strength * prior) / (reached + self.prior_strength)
+        return self._acceptances(depth)[depth - 1]
+
+    def _acceptances(self, depth: int) -> list[float]:
+        """``[acceptance(1), ..., acceptance(depth)]``, each level's estimate the next one's prior."""
+        estimates, prior = [], self.prior_acceptance
+        for level in range(depth):
+            reached = self.reached[level] if level < len(self.reached) else 0.0
+            accepted = self.accepted[level] if level < len(self.accepted) else 0.0
+            prior = (accepted + self.prior_strength * prior) / (reached + self.prior_strength)
+            estimates.append(prior)
+        return estimates
+
+    def _expected_tokens_up_to(self, depth: int) -> list[float]:
+        """``[expected_tokens(0), ..., expected_tokens(depth)]``."""
+        totals, reach = [1.0], 1.0
+        for alpha in self._acceptances(depth):
+            reach *= alpha
+            totals.append(totals[-1] + reach)
+        return totals
 
     def step_seconds(self, depth: int) -> float:
         rows = 1 + self.nodes_per_level * depth
         return self.one_token_seconds * self.curve(rows) + (self.draft_seconds_per_level or 0.0) * depth
-
-    def tokens_per_second(self, depth: int) -> float:
-        return self.expected_tokens(depth) / self.step_seconds(depth)
 
     def record(self, depth: int, nodes: int, accepted: int, target_seconds: float, draft_seconds: float) -> None:
         """One verified step: its tree's depth and node count, the accepted draft tokens, and the time spent."""
