@@ -10,6 +10,7 @@ from .drafters.clover import CloverConfig, CloverDrafter, CloverHeads
 from .drafters.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Drafter
 from .drafters.falcon import FalconConfig, FalconDraft, FalconDrafter
 from .drafters.medusa import MedusaDrafter, MedusaConfig, MedusaHeads
+from .drafters.mtp import MTPConfig, MTPDrafter, MTPModel
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .engine.loop import allow_model_type, speculative_generate
 from .engine.goodput import CostCurve
@@ -40,6 +41,9 @@ __all__ = [
     "MedusaConfig",
     "MedusaDrafter",
     "MedusaHeads",
+    "MTPConfig",
+    "MTPDrafter",
+    "MTPModel",
     "PromptLookupDrafter",
     "StepOutcome",
     "UnsupportedError",

@@ -115,6 +115,24 @@ def test_the_first_steps_draft_time_is_not_taken_as_the_cost_per_level():
     assert policy.draft_seconds_per_level == pytest.approx(0.1)
 
 
+def test_rows_a_drafter_appends_count_in_the_cost_of_a_step():
+    """Gated-LoRA MTP appends a mask block of k rows after every block row: the step's forward covers
+    (1 + depth) * (1 + k) rows, which is what the policy must price, and what a measured step is divided by."""
+    curve = CostCurve({1: 1.0, 32: 4.0})
+    policy = GoodputPolicy(curve)
+    policy.record(depth=2, nodes=2, accepted=2, target_seconds=0.3, draft_seconds=0.0, appended=9)
+    assert policy.appended_per_row == pytest.approx(3.0)
+    assert policy.one_token_seconds == pytest.approx(0.3 / curve(12))
+    assert policy.step_seconds(2) == pytest.approx(policy.one_token_seconds * curve(12))
+    assert policy.step_seconds(4) == pytest.approx(policy.one_token_seconds * curve(20))
+    steep = CostCurve({1: 1.0, 8: 1.5, 16: 6.0, 32: 12.0})  # cheap up to 8 rows, then steep
+    policy, plain = GoodputPolicy(steep), GoodputPolicy(steep)
+    for _ in range(20):
+        plain.record(depth=6, nodes=6, accepted=5, target_seconds=0.3, draft_seconds=0.0)
+        policy.record(depth=6, nodes=6, accepted=5, target_seconds=0.3, draft_seconds=0.0, appended=21)
+    assert policy.depth_cap(16) < plain.depth_cap(16)
+
+
 class TargetOracle(Drafter):
     """Drafts the target's own greedy continuation (known in advance): every draft token is accepted."""
 

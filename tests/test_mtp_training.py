@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_spec.drafters.mtp import MTPModel
+from hf_spec.drafters.mtp import MTPDrafter, MTPModel
 from hf_spec.training.config import TrainingSection, load_config
 from hf_spec.training.methods import get_method
 from hf_spec.training.methods.mtp_objective import MTPObjective, evaluate_slots
 from tests.conftest import tiny_model
+from tests.identity import assert_greedy_identical
 
 K = 3
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -218,8 +219,6 @@ def test_a_short_run_lowers_the_loss_and_raises_held_out_sampler_accuracy(traine
 
 
 def test_the_exported_adapter_round_trips(trained, tmp_path):
-    from types import SimpleNamespace
-
     method = get_method("mtp")
     objective = trained["objective"]
     states = method.export_state(trained["accelerator"], objective, None)
@@ -237,8 +236,12 @@ def test_the_exported_adapter_round_trips(trained, tmp_path):
     assert torch.equal(a.sampler_logits, b.sampler_logits) and torch.equal(a.logits, b.logits)
     with pytest.raises(ValueError, match="does not match this model's adapter tensors"):
         objective.mtp.save_pretrained(tmp_path / "bad", state_dict={n: t[:1] for n, t in states["adapter"].items()})
-    with pytest.raises(Exception, match="not part of hf_spec yet"):
-        method.load_drafter(SimpleNamespace(), tmp_path)
+    prompt = tokens[:, :6]  # the loaded adapter decodes on the fresh base, losslessly
+    expected = tiny_model("llama", dtype=torch.float32).generate(prompt, max_new_tokens=20, do_sample=False)
+    drafter = MTPDrafter(loaded)
+    assert_greedy_identical(fresh, expected, fresh.generate(prompt, max_new_tokens=20, do_sample=False,
+                                                            assistant_model=drafter))
+    assert drafter.stats.drafted_tokens > 0
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -278,10 +281,8 @@ def test_recipes_build_and_run_on_a_tiny_model_with_their_shape(recipe, num_laye
     assert outputs["pairs"] <= anchors * section.num_mask_tokens
 
 
-def test_decoding_checks_are_refused_until_mtp_decoding_exists():
+def test_bad_mtp_sections_are_refused():
     from hf_spec.training.config import ConfigError
 
-    with pytest.raises(ConfigError, match="generate_prompts must be 0 for method mtp"):
-        load_config("configs/mtp/tiny-random.yaml", ["eval.generate_prompts=2"])
     with pytest.raises(ConfigError, match="mtp.anchors_per_sequence"):
         load_config("configs/mtp/tiny-random.yaml", ["mtp.anchors_per_sequence=0"])

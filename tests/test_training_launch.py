@@ -204,6 +204,9 @@ def test_gated_lora_mtp_trains_in_every_launch_mode(mode, tmp_path):
     assert not any(name.endswith(".base_layer.weight") or "embed_tokens" in name for name in exported)
     card = (output / "README.md").read_text()
     assert "Gated-LoRA MTP adapter for `hf_spec:tiny-random-llama`" in card and "| 2 | 3 |" in card
+    generation = summary["generation"]  # the exported adapter decoded by MTPDrafter on a fresh base model
+    assert generation["prompts"] == 2 and generation["outputs_differing_from_plain"] == 0 and generation["tau"] >= 1.0
+    assert "**Decoding 2 held-out prompts**" in card and "MTPDrafter.from_pretrained" in card
 
 
 def test_a_multi_process_launch_reads_prepared_data_and_never_builds_it(tmp_path):

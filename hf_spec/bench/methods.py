@@ -176,10 +176,20 @@ def eagle3_trained(target, draft, generation: dict) -> Method:
 
 def hf_spec_method(name: str, target, drafter: Drafter, generation: dict, lossless: bool = True,
                    **generate_kwargs) -> Method:
-    """An hf_spec method: ``target.generate(assistant_model=drafter, ...)``."""
+    """An hf_spec method: ``target.generate(assistant_model=drafter, ...)`` (a drafter that wraps the target decodes
+    with its own copy, ``drafter.model``)."""
     extra = "".join(f", {key}={value!r}" for key, value in generate_kwargs.items())
-    return Method(name, "hf_spec", _generate(target, generation, assistant_model=drafter, **generate_kwargs),
-                  drafter, lossless, description=f"{drafter!r}{extra}")
+    own = drafter.model if getattr(drafter, "wraps_target", False) else None
+    return Method(name, "hf_spec", _generate(own or target, generation, assistant_model=drafter, **generate_kwargs),
+                  drafter, lossless, description=f"{drafter!r}{extra}", model=own)
+
+
+def shared_weights_copy(model):
+    """A copy of ``model``'s module tree that shares every parameter and buffer with it (no weight is copied; packed
+    oneDNN weights could not be). A drafter that wraps its target's layers in place (``wraps_target``, gated-LoRA
+    MTP) gets one, so the other methods keep running the target as it was loaded."""
+    shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, shared)
 
 
 def _generate(target, generation: dict, **fixed) -> Callable[..., torch.Tensor]:
@@ -251,7 +261,7 @@ def build_drafter(cls: type[Drafter], target, draft, constructor: str | None = N
                 raise NotApplicable("needs a draft model")
             kwargs[name] = draft
         elif name in TARGET_PARAMETERS:
-            kwargs[name] = target
+            kwargs[name] = shared_weights_copy(target) if getattr(cls, "wraps_target", False) else target
         else:
             raise NotApplicable(f"{cls.__name__} needs {name}=...: name it as a spec such as "
                                 f"{cls.__name__}.from_pretrained(path_or_id='...'), or register a factory")

@@ -21,6 +21,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from ..errors import UnsupportedError
+from .appended_rows import AppendedRows
 from .stats import GenerationStats
 from .tree import DraftTree
 
@@ -114,6 +115,13 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, request: DraftRequest) -> DraftTree:
         """Propose a draft tree (possibly empty) below ``request.input_ids[0, -1]``."""
+
+    def appended_rows(self, tree: DraftTree) -> AppendedRows | None:
+        """Rows to run after ``tree``'s block rows in this step's verification forward (``None``: none).
+
+        For drafters that draft inside the target's forward (gated-LoRA MTP); see
+        ``hf_spec.engine.appended_rows``. Called once per step, after ``propose``."""
+        return None
 
     def observe(self, outcome: StepOutcome) -> None:
         """Called after each verification: which nodes were accepted and what the target added."""

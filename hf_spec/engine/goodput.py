@@ -5,11 +5,13 @@ chooses the speculation length from the expected accepted tokens and the measure
 llama.cpp keeps per-batch cost tables to the same end. Here, per step, for a depth cap ``D``:
 
     tokens(D) = 1 + sum_{d <= D} prod_{j <= d} alpha_j        (alpha_j: P(depth j accepted | depth j - 1 was))
-    seconds(D) = t(1) * c(1 + nodes_per_level * D) + draft_seconds_per_level * D
+    seconds(D) = t(1) * c((1 + nodes_per_level * D) * (1 + appended_per_row)) + draft_seconds_per_level * D
 
 and the engine passes ``argmax tokens(D) / seconds(D)`` to the drafter as ``DraftRequest.max_tokens``. ``c(k)`` is the
 target's cost curve (``CostCurve``: measured once per model, backend and thread count on the live KV cache, or given);
-``t(1)``, the drafter's cost per level, its nodes per level and the ``alpha_j`` are running estimates over recent steps
+``t(1)``, the drafter's cost per level, its nodes per level, the rows it appends to the verification forward per
+block row (gated-LoRA MTP's mask blocks, ``hf_spec.engine.appended_rows``; 0 for other drafters) and the ``alpha_j``
+are running estimates over recent steps
 (exponential forgetting; ``alpha_j`` counts only steps whose tree reached depth ``j``). When no depth pays (``D = 0``:
 a plain decoding step), a step still drafts after ``probe_every`` such steps, so the estimates can recover; each probe
 that gets nothing accepted doubles that interval (up to ``max_probe_every``), an accepted one resets it, so a drafter
@@ -124,6 +126,7 @@ class GoodputPolicy:
         self.draft_seconds_per_level: float | None = None
         self._steps = 0
         self.nodes_per_level = 1.0
+        self.appended_per_row = 0.0
         self.deepest = 0
         self._plain_steps = 0
 
@@ -179,11 +182,13 @@ class GoodputPolicy:
         return totals
 
     def step_seconds(self, depth: int) -> float:
-        rows = 1 + self.nodes_per_level * depth
+        rows = (1 + self.nodes_per_level * depth) * (1 + self.appended_per_row)
         return self.one_token_seconds * self.curve(rows) + (self.draft_seconds_per_level or 0.0) * depth
 
-    def record(self, depth: int, nodes: int, accepted: int, target_seconds: float, draft_seconds: float) -> None:
-        """One verified step: its tree's depth and node count, the accepted draft tokens, and the time spent."""
+    def record(self, depth: int, nodes: int, accepted: int, target_seconds: float, draft_seconds: float,
+               appended: int = 0) -> None:
+        """One verified step: its tree's depth and node count, the accepted draft tokens, the time spent, and the
+        rows the drafter appended to the verification forward."""
         self.deepest = max(self.deepest, depth)
         if self._probing:
             self._probing = False
@@ -196,8 +201,10 @@ class GoodputPolicy:
         for level in range(1, min(depth, accepted + 1) + 1):
             self.reached[level - 1] += 1
             self.accepted[level - 1] += level <= accepted
-        one_token = target_seconds / self.curve(1 + nodes)
+        one_token = target_seconds / self.curve(1 + nodes + appended)
         self.one_token_seconds = self._average(self.one_token_seconds, one_token)
+        self.appended_per_row = (appended / (1 + nodes) if self._steps == 0
+                                 else self._average(self.appended_per_row, appended / (1 + nodes)))
         self._steps += 1
         if depth:
             self.nodes_per_level = self._average(self.nodes_per_level, nodes / depth)

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ...cpu_fast_path import PackedLinear
 from ...errors import UnsupportedError
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,9 +67,10 @@ class GatedLoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, gate: LoRAGate):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise UnsupportedError(f"Gated LoRA wraps nn.Linear layers, got {type(base_layer).__name__}; a quantized "
-                                   "or already adapted model is not supported: load the base model in a float dtype.")
+        if not isinstance(base_layer, (nn.Linear, PackedLinear)):
+            raise UnsupportedError(f"Gated LoRA wraps nn.Linear layers (or hf_spec.accelerate_for_cpu's packed ones), "
+                                   f"got {type(base_layer).__name__}; a quantized or already adapted model is not "
+                                   "supported: load the base model in a float dtype.")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"Gated LoRA rank must be a positive integer, got {rank!r}.")
         self.base_layer = base_layer

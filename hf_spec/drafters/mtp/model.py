@@ -34,6 +34,7 @@ from ...training.hub import (
     CheckpointError,
     load_config_dict,
     load_weights,
+    push_folder_to_hub,
     resolve_pretrained,
     save_weights_and_config,
 )
@@ -201,6 +202,19 @@ class MTPModel(nn.Module):
             tensors = state_dict
         return save_weights_and_config(save_directory, tensors, self.config.to_dict(),
                                        metadata={"format": "pt", "hf_spec_method": "mtp"})
+
+    def push_to_hub(self, repo_id: str, *, model_card: str | None = None, token: str | None = None,
+                    private: bool | None = None, commit_message: str = "Upload gated-LoRA MTP adapter") -> str:
+        """Save the adapter tensors and config (plus ``README.md`` = ``model_card``) and upload them as one commit.
+        The base model is never uploaded, and the adapter is never merged into it (that would change its next-token
+        outputs)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as staging:
+            self.save_pretrained(staging)
+            if model_card is not None:
+                Path(staging, "README.md").write_text(model_card, encoding="utf-8")
+            return push_folder_to_hub(staging, repo_id, token=token, private=private, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, base, *, revision: str | None = None,

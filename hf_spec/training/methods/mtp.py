@@ -9,9 +9,10 @@ to the ordinary rows' keys and values at every layer), so no cached feature is r
 ``MTPObjective`` (``mtp_objective.py``). Published files::
 
     config.json, model.safetensors   the adapter (mask embeddings, sampler, LoRA A/B; never the base model):
+                                     MTPDrafter.from_pretrained(output_dir, target=model) (decoding) or
                                      MTPModel.from_pretrained(output_dir, base=model)
 
-Decoding with the adapter is not part of hf_spec yet, so ``eval.generate_prompts`` must stay 0 for this method.
+``eval.generate_prompts`` decodes held-out prompts with ``MTPDrafter`` on a fresh base model after training.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...drafters.mtp import DEFAULT_TARGET_MODULES, MTPModel
-from ...errors import UnsupportedError
+from ...drafters.mtp import DEFAULT_TARGET_MODULES, MTPDrafter, MTPModel
 from ..checkpoints import gathered_state_dict
+from ..models import load_target
 from ..provenance import published_model_name
 from . import MethodParts, TrainingMethod, register
 from .mtp_objective import MTPObjective, evaluate_slots
@@ -81,9 +82,6 @@ class MTPMethod(TrainingMethod):
                 problems.append(f"mtp.{name} must be a number >= 0, got {value!r}")
         if not any(getattr(section, name) for name in ("sampler_loss_weight", "mask_loss_weight")):
             problems.append("mtp.sampler_loss_weight and mtp.mask_loss_weight are both 0: nothing trains the drafts")
-        if config.eval.generate_prompts:
-            problems.append("eval.generate_prompts must be 0 for method mtp: decoding with a gated-LoRA MTP adapter "
-                            "is not part of hf_spec yet (the held-out evaluation estimates tau instead)")
         if config.model.attn_implementation and "flash" in str(config.model.attn_implementation):
             problems.append("model.attn_implementation: the MTP training layout needs a 4D attention mask, which "
                             "flash attention cannot take; use sdpa or eager")
@@ -121,8 +119,11 @@ class MTPMethod(TrainingMethod):
 
     # ------------------------------------------------------------------ inference
     def load_drafter(self, config, output_dir: Path):
-        raise UnsupportedError("Decoding with a gated-LoRA MTP adapter is not part of hf_spec yet: load it with "
-                               "MTPModel.from_pretrained(output_dir, base=model) and keep eval.generate_prompts: 0.")
+        """A fresh base model with the exported adapter loaded onto it, and the ``MTPDrafter`` that decodes with it."""
+        target, _ = load_target(config.model.name_or_path, config.model.dtype, config.model.attn_implementation)
+        target.config.use_cache = True
+        drafter = MTPDrafter.from_pretrained(output_dir, target)
+        return target, drafter
 
     # ------------------------------------------------------------------ model card
     def card_tags(self, config) -> list[str]:

@@ -2,7 +2,8 @@
 """The speculative decoding loop, in the shape of a transformers ``custom_generate`` callable.
 
 One step: the drafter proposes a tree below the last committed token; the target runs once over
-the root and every draft node; a verification rule walks the tree with the target's processed
+the root and every draft node (and the rows a drafter appends, e.g. gated-LoRA MTP's mask tokens,
+``hf_spec.engine.appended_rows``); a verification rule walks the tree with the target's processed
 distributions; the cache keeps the accepted path; the accepted tokens plus one target token are
 committed one by one through the stopping criteria and the streamer, as plain decoding would.
 """
@@ -104,7 +105,8 @@ def speculative_generate(
             tree = drafter.propose(DraftRequest(input_ids, max_tokens, new_features, engine_sets_length))
             drafted = time.perf_counter()
             block_start = cache.get_seq_length()
-            forward = forward_tree(model, cache, input_ids[0, -1], tree, features)
+            appended = drafter.appended_rows(tree)
+            forward = forward_tree(model, cache, input_ids[0, -1], tree, features, appended)
             block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
             verdict = rule.verify(tree, block_scores)
 
@@ -137,7 +139,7 @@ def speculative_generate(
             stats.record_time(drafted - step_start, target_seconds, time.perf_counter() - step_start)
             if policy is not None:
                 policy.record(max(tree.depths, default=0), tree.num_nodes, len(verdict.accepted_nodes),
-                              target_seconds, drafted - step_start)
+                              target_seconds, drafted - step_start, appended.count if appended else 0)
                 stats.record_depth_cap(max_tokens)
 
     if streamer is not None:

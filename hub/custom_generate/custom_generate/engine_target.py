@@ -9,6 +9,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from .errors import UnsupportedError
+from .engine_appended_rows import AppendedRows
 from .engine_cache import recording_block
 from .engine_features import capture_features
 from .engine_tree import DraftTree
@@ -39,36 +40,54 @@ def prefill(model, cache, input_ids: torch.Tensor, features: tuple = ()) -> torc
     return store.features()
 
 
-def forward_tree(model, cache, root_token: torch.Tensor, tree: DraftTree, features: tuple = ()) -> TreeForward:
-    """Run the target once over the root and all draft nodes.
+def forward_tree(model, cache, root_token: torch.Tensor, tree: DraftTree, features: tuple = (),
+                 appended: AppendedRows | None = None) -> TreeForward:
+    """Run the target once over the root and all draft nodes (and a drafter's ``appended`` rows after them).
 
     Position ids are the root's position plus each node's depth; a chain uses the model's own
     causal mask, a branching tree a 4D additive mask that lets every node see the whole cached
     context and its own ancestors only (tree attention, SpecInfer-style), through the model's
-    public ``forward``.
+    public ``forward``. Appended rows (``hf_spec.engine.appended_rows``) get their own rows of that
+    mask; no block row sees them and only the block rows' logits are computed.
     """
     past_length = cache.get_seq_length()
     block_tokens = torch.cat([root_token.view(1), tree.tokens]).unsqueeze(0)
-    positions = (past_length + tree.block_position_offsets()).unsqueeze(0)
+    block_positions = past_length + tree.block_position_offsets()
     allowed = None
-    if not tree.is_chain:
+    if not tree.is_chain or appended is not None:
         ancestry = tree.block_ancestry()
         context = torch.ones(ancestry.shape[0], past_length, dtype=torch.bool, device=ancestry.device)
         allowed = torch.cat([context, ancestry], dim=1)
-    with capture_features(model, features) as store:
-        outputs = forward_with_mask(model, cache, block_tokens, positions, allowed)
-    return TreeForward(logits=outputs.logits[0], features=store.features())
+    if appended is None:
+        with capture_features(model, features) as store:
+            outputs = forward_with_mask(model, cache, block_tokens, block_positions.unsqueeze(0), allowed)
+        return TreeForward(logits=outputs.logits[0], features=store.features())
+    rows = block_tokens.shape[1]
+    allowed = torch.cat([torch.nn.functional.pad(allowed, (0, appended.count)),
+                         appended.attention(tree.block_ancestry(), past_length)])
+    positions = torch.cat([block_positions, appended.positions(block_positions)]).unsqueeze(0)
+    embeddings = model.get_input_embeddings()(block_tokens)
+    embeddings = torch.cat([embeddings, appended.embeddings.to(embeddings.dtype).unsqueeze(0)], dim=1)
+    with capture_features(model, features) as store, appended.context:
+        outputs = forward_with_mask(model, cache, None, positions, allowed, inputs_embeds=embeddings,
+                                    logits_rows=torch.arange(rows, device=block_tokens.device))
+    captured = store.features()
+    return TreeForward(logits=outputs.logits[0], features=None if captured is None else captured[:, :rows])
 
 
-def forward_with_mask(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None):
-    """Run ``model`` on new ``tokens`` after ``cache``; ``allowed`` is the ``(new, cached + new)`` bool
-    attention pattern, or ``None`` for the model's own causal mask. Goes through the public forward.
+def forward_with_mask(model, cache, tokens: torch.Tensor | None, positions: torch.Tensor, allowed: torch.Tensor | None,
+                      inputs_embeds: torch.Tensor | None = None, logits_rows: torch.Tensor | None = None):
+    """Run ``model`` on new ``tokens`` (or their ``inputs_embeds``) after ``cache``; ``allowed`` is the
+    ``(new, cached + new)`` bool attention pattern, or ``None`` for the model's own causal mask. Goes
+    through the public forward. ``logits_rows``: the rows whose logits to compute (default: all).
 
     Each row of ``allowed`` must be that row's whole sequence (context, then its tree path, then
     itself) in order: sliding-window layers see only its last ``window`` entries. The new rows can
     be rolled back afterwards with ``keep_block_rows``.
     """
     past_length = cache.get_seq_length()
+    new_rows = (tokens if tokens is not None else inputs_embeds).shape[1]
+    device = positions.device
     attention_mask = None
     if allowed is not None:
         if "flash" in str(model.config._attn_implementation):
@@ -80,11 +99,13 @@ def forward_with_mask(model, cache, tokens: torch.Tensor, positions: torch.Tenso
     with recording_block(cache):
         return model(
             input_ids=tokens,
+            inputs_embeds=inputs_embeds,
             position_ids=positions,
-            cache_position=torch.arange(past_length, past_length + tokens.shape[1], device=tokens.device),
+            cache_position=torch.arange(past_length, past_length + new_rows, device=device),
             attention_mask=attention_mask,
             past_key_values=cache,
             use_cache=True,
+            **({} if logits_rows is None else {"logits_to_keep": logits_rows}),
         )
 
 
