@@ -133,6 +133,27 @@ def test_rows_a_drafter_appends_count_in_the_cost_of_a_step():
     assert policy.depth_cap(16) < plain.depth_cap(16)
 
 
+def test_a_step_that_drafts_nothing_is_priced_and_prepared_as_a_plain_step():
+    """When no depth pays, the step is a one-row forward: the rows an MTP drafter appends only prepare the next
+    step's drafts, so they are asked for only when the next step drafts (a positive cap, or a probe due next)."""
+    curve = CostCurve({1: 1.0, 32: 8.0})
+    policy = GoodputPolicy(curve, probe_every=3)
+    assert policy.drafts_next_step()  # nothing measured: the first steps draft
+    policy.record(depth=2, nodes=2, accepted=0, target_seconds=0.3, draft_seconds=0.0, appended=9)
+    assert policy.step_seconds(0) == pytest.approx(policy.one_token_seconds * curve(1))
+    assert policy.step_seconds(1) == pytest.approx(policy.one_token_seconds * curve(8))
+    policy.record(depth=0, nodes=0, accepted=0, target_seconds=0.1, draft_seconds=0.0)  # a plain step
+    assert policy.appended_per_row == pytest.approx(3.0)  # averaged over the steps that appended rows only
+    for _ in range(10):
+        policy.record(depth=2, nodes=2, accepted=0, target_seconds=0.3, draft_seconds=0.0, appended=9)
+    caps, prepared = [], []
+    for _ in range(6):
+        caps.append(policy.depth_cap(4))
+        prepared.append(policy.drafts_next_step())
+    assert caps == [0, 0, 1, 0, 0, 1]  # plain steps, then a probe every third step
+    assert prepared == [False, True, True, False, True, True]  # blocks the step before a probe, and in it
+
+
 class TargetOracle(Drafter):
     """Drafts the target's own greedy continuation (known in advance): every draft token is accepted."""
 

@@ -120,11 +120,8 @@ def test_constructed_adapter_drafts_are_all_accepted(num_tokens):
     assert stats.target_forwards == 1 + -(-(40 - 1) // (num_tokens + 1))
 
 
-def test_constructed_adapter_with_a_wrong_sampler_has_nothing_accepted():
-    """Nothing accepted: the sampler's output is a constant vector whose argmax token the target never produces."""
-    model, pristine = bigram_pair()
-    prompt = tiny_prompt(seed=2, length=6)
-    expected = plain(pristine, prompt, max_new_tokens=40)
+def make_sampler_draft_a_token_never_produced(model: MTPModel, expected: torch.Tensor) -> None:
+    """The sampler's output becomes a constant vector whose argmax token is not in ``expected``."""
     weight = model.base.get_output_embeddings().weight
     norm = model.base.model.norm
     never = [token for token in range(weight.shape[0]) if token not in expected[0].tolist()
@@ -132,9 +129,37 @@ def test_constructed_adapter_with_a_wrong_sampler_has_nothing_accepted():
     with torch.no_grad():
         model.sampler[2].weight.zero_()
         model.sampler[2].bias.copy_(weight[never[0]])
+
+
+def test_constructed_adapter_with_a_wrong_sampler_has_nothing_accepted():
+    """Nothing accepted: the sampler's output is a constant vector whose argmax token the target never produces."""
+    model, pristine = bigram_pair()
+    prompt = tiny_prompt(seed=2, length=6)
+    expected = plain(pristine, prompt, max_new_tokens=40)
+    make_sampler_draft_a_token_never_produced(model, expected)
     drafter = MTPDrafter(model)
     assert torch.equal(speculative(model.base, prompt, drafter, max_new_tokens=40), expected)
     assert drafter.stats.drafted_tokens > 0 and drafter.stats.accepted_tokens == 0
+
+
+def test_under_goodput_an_adapter_that_never_pays_costs_plain_steps():
+    """Nothing accepted under the cost-aware draft length: once the policy finds no depth that pays, steps append no
+    mask block (a one-row forward, as plain decoding), except around its probes; the output stays the base's."""
+    model, pristine = bigram_pair()
+    prompt = tiny_prompt(seed=2, length=6)
+    expected = plain(pristine, prompt, max_new_tokens=80)
+    make_sampler_draft_a_token_never_produced(model, expected)
+    drafter = MTPDrafter(model)
+    blocks = []
+    appended_rows = drafter.appended_rows
+    drafter.appended_rows = lambda tree, next_step_drafts=True: blocks.append(next_step_drafts) or appended_rows(
+        tree, next_step_drafts)
+    steep = hf_spec.CostCurve({1: 1.0, 32: 8.0})  # given, so the policy's choices do not depend on timings
+    got = speculative(model.base, prompt, drafter, max_new_tokens=80, draft_length="goodput", cost_curve=steep)
+    assert torch.equal(got, expected)
+    assert drafter.stats.drafted_tokens > 0 and drafter.stats.accepted_tokens == 0
+    assert len(blocks) == drafter.stats.target_forwards
+    assert sum(blocks) <= 0.2 * len(blocks)  # the first step, and each probe with the step before it
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -118,6 +118,29 @@ def test_gated_layer_is_the_base_layer_where_closed_even_with_a_non_finite_adapt
     assert torch.equal(layer(x), base(x))  # gate closed outside the block
 
 
+@pytest.mark.parametrize("gated_rows", [[7, 8, 9], [1, 7, 9]], ids=["contiguous", "scattered"])
+def test_gated_layer_adds_the_lora_term_on_gated_rows_with_gradients(gated_rows):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6).double().requires_grad_(False)
+    layer = GatedLoRALinear(base, rank=2, alpha=4.0, gate=LoRAGate())
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    gate = torch.zeros(10, dtype=torch.bool)
+    gate[gated_rows] = True
+    gate = gate.view(2, 5)
+    with layer.gate.open(gate):
+        assert (layer.gate.span is not None) == (gated_rows == [7, 8, 9])
+        out = layer(x)
+    expected = base(x) + gate.unsqueeze(-1) * (x @ layer.lora_A.T @ layer.lora_B.T) * 2.0
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[~gate], base(x)[~gate])
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, layer.lora_A, layer.lora_B])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, layer.lora_A, layer.lora_B])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_apply_gated_lora_wraps_decoder_linears_only(arch):
     model = tiny_model(arch, dtype=torch.float32)

@@ -13,7 +13,9 @@ are the next step's draft latents. The sampler head turns them into a chain: slo
 ``decoding="linear"`` appends one block, after the last draft token only (the paper's linear decoding): fewer rows
 per forward, but a step that rejects any draft leaves the next step without drafts.
 
-The first step of a ``generate()`` call has no latents yet and drafts nothing (its forward computes them).
+The first step of a ``generate()`` call has no latents yet and drafts nothing (its forward computes them). Under
+the cost-aware draft length, a step after which the engine does not expect to draft appends no block: when no depth
+pays, MTP costs plain decoding plus the policy's occasional probes, not a mask block per step.
 """
 
 from __future__ import annotations
@@ -116,7 +118,10 @@ class MTPDrafter(Drafter):
             sequence = torch.cat([sequence, previous.view(1, 1)], dim=1)
         return DraftTree.chain(torch.cat(tokens), torch.stack(probs) if probs else None)
 
-    def appended_rows(self, tree: DraftTree) -> AppendedRows:
+    def appended_rows(self, tree: DraftTree, next_step_drafts: bool = True) -> AppendedRows | None:
+        if not next_step_drafts:  # a plain step: no blocks, so the next step drafts nothing
+            self._blocks = {}
+            return None
         rows = tree.num_nodes + 1
         anchors = list(range(rows)) if self.decoding == "quadratic" else [rows - 1]
         slots = self.mtp.config.num_mask_tokens

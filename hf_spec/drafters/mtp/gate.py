@@ -6,10 +6,10 @@ its next-token outputs stay exactly those of the base model, so speculative deco
 ordinary rows' KV cache is the base model's own. ``GatedLoRALinear`` is that layer; ``apply_gated_lora`` puts it on
 the attention and MLP projections of a Llama / Qwen2 / Gemma3 decoder.
 
-Exactness: on a row whose gate is 0 the output is the base layer's output tensor itself (the base ``nn.Linear`` is
-called as the model calls it, and the LoRA term is computed only for the gated rows and added there by
-``index_add``), never ``base + 0 * lora``: that would turn ``-0.0`` into ``0.0`` and a non-finite LoRA term into NaN,
-and may take another kernel than the base.
+Exactness: on a row whose gate is 0 the output is the base layer's output itself (the base ``nn.Linear`` is called
+as the model calls it, and the LoRA term is computed only for the gated rows and added there, in place on a
+contiguous range of rows or by ``index_add``), never ``base + 0 * lora``: that would turn ``-0.0`` into ``0.0`` and a
+non-finite LoRA term into NaN, and may take another kernel than the base.
 
 Why not peft's activated LoRA (aLoRA, peft 0.21, ``LoraConfig(alora_invocation_tokens=...)``): its
 ``ALoraLinearVariant.forward`` turns ``alora_offsets[i]`` into the mask ``position >= T - alora_offsets[i]``, i.e.
@@ -39,10 +39,17 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 
 class LoRAGate:
-    """The per-position 0/1 gate shared by the gated layers of one model (a plain object: no parameters)."""
+    """The per-position 0/1 gate shared by the gated layers of one model (a plain object: no parameters).
+
+    Opening it resolves the gated rows once per forward (every gated layer of the model reads them): ``rows``, their
+    flat indices in ``(batch * seq)``, and ``span``, the same rows as a slice when they are one contiguous range (the
+    mask blocks that decoding appends after the block rows), which the layers update in place instead of by index.
+    """
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.span: slice | None = None
 
     @contextmanager
     def open(self, mask: torch.Tensor):
@@ -51,11 +58,14 @@ class LoRAGate:
             raise ValueError(f"The LoRA gate must be a (batch, seq) bool tensor, got {tuple(mask.shape)} {mask.dtype}.")
         if self.mask is not None:
             raise RuntimeError("The LoRA gate is already open (nested forwards of one gated model are not supported).")
-        self.mask = mask
+        rows = mask.reshape(-1).nonzero().squeeze(-1)
+        first, last = (int(rows[0]), int(rows[-1])) if rows.numel() else (0, -1)
+        self.mask, self.rows = mask, rows
+        self.span = slice(first, last + 1) if rows.numel() and last - first + 1 == rows.numel() else None
         try:
             yield self
         finally:
-            self.mask = None
+            self.mask, self.rows, self.span = None, None, None
 
 
 class GatedLoRALinear(nn.Module):
@@ -89,10 +99,15 @@ class GatedLoRALinear(nn.Module):
         if tuple(x.shape[:-1]) != tuple(mask.shape):
             raise RuntimeError(f"The LoRA gate has shape {tuple(mask.shape)} but the layer sees rows "
                                f"{tuple(x.shape[:-1])}: set the gate for exactly the forward's (batch, seq).")
-        rows = mask.reshape(-1).nonzero().squeeze(-1)
+        rows, span = self.gate.rows, self.gate.span
         if rows.numel() == 0:
             return out
-        flat_in, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        out = out.contiguous()  # a no-op for nn.Linear's output: the view below shares its storage
+        flat_in, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if span is not None:  # one contiguous range: add in place on it, the other rows' values are never touched
+            delta = (flat_in[span].to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
+            flat_out[span].add_(delta.to(out.dtype), alpha=self.scaling)
+            return out
         delta = (flat_in.index_select(0, rows).to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
         return flat_out.index_add(0, rows, (delta * self.scaling).to(out.dtype)).view(out.shape)
 
