@@ -117,11 +117,13 @@ class Drafter(ABC):
     def propose(self, request: DraftRequest) -> DraftTree:
         """Propose a draft tree (possibly empty) below ``request.input_ids[0, -1]``."""
 
-    def appended_rows(self, tree: DraftTree) -> AppendedRows | None:
+    def appended_rows(self, tree: DraftTree, next_step_drafts: bool = True) -> AppendedRows | None:
         """Rows to run after ``tree``'s block rows in this step's verification forward (``None``: none).
 
         For drafters that draft inside the target's forward (gated-LoRA MTP); see
-        ``hf_spec.engine.appended_rows``. Called once per step, after ``propose``."""
+        ``hf_spec.engine.appended_rows``. Called once per step, after ``propose``; ``next_step_drafts`` is False when
+        the engine does not expect the next step to draft (the cost-aware policy found no depth that pays), so rows
+        that only prepare the next step's drafts can be left out."""
         return None
 
     def observe(self, outcome: StepOutcome) -> None:

@@ -8,7 +8,10 @@ llama.cpp keeps per-batch cost tables to the same end. Here, per step, for a dep
     tokens(D) = 1 + sum_{d <= D} prod_{j <= d} alpha_j        (alpha_j: P(depth j accepted | depth j - 1 was))
     seconds(D) = t(1) * c((1 + nodes_per_level * D) * (1 + appended_per_row)) + draft_seconds_per_level * D
 
-and the engine passes ``argmax tokens(D) / seconds(D)`` to the drafter as ``DraftRequest.max_tokens``. ``c(k)`` is the
+and the engine passes ``argmax tokens(D) / seconds(D)`` to the drafter as ``DraftRequest.max_tokens``. A step
+that drafts nothing (``D = 0``) is a plain one-row forward: a drafter that prepares the next step's drafts inside
+this step's forward (appended rows) does so only when the policy expects the next step to draft
+(``drafts_next_step``: this step drafts, or a probe is due next). ``c(k)`` is the
 target's cost curve (``CostCurve``: measured once per model, backend and thread count on the live KV cache, or given);
 ``t(1)``, the drafter's cost per level, its nodes per level, the rows it appends to the verification forward per
 block row (gated-LoRA MTP's mask blocks, ``hf_spec.engine.appended_rows``; 0 for other drafters) and the ``alpha_j``
@@ -127,9 +130,10 @@ class GoodputPolicy:
         self.draft_seconds_per_level: float | None = None
         self._steps = 0
         self.nodes_per_level = 1.0
-        self.appended_per_row = 0.0
+        self.appended_per_row: float | None = None  # over the steps that appended rows
         self.deepest = 0
         self._plain_steps = 0
+        self._last_cap: int | None = None
 
     @property
     def has_estimates(self) -> bool:
@@ -138,6 +142,16 @@ class GoodputPolicy:
 
     def depth_cap(self, limit: int) -> int:
         """The depth to draft this step, at most ``limit``; the first step (nothing measured yet) drafts freely."""
+        self._last_cap = self._choose_depth(limit)
+        return self._last_cap
+
+    def drafts_next_step(self) -> bool:
+        """Whether the next step is expected to draft: this step's cap is positive, or a probe is due next. A
+        drafter that prepares the next step's drafts in this step's forward (``Drafter.appended_rows``) skips that
+        work when not, so a drafter that does not pay costs a plain step."""
+        return self._last_cap is None or self._last_cap > 0 or self._plain_steps + 1 >= self._probe_interval
+
+    def _choose_depth(self, limit: int) -> int:
         if not self.has_estimates:
             return limit
         deepest = min(self.deepest + 1, limit)
@@ -183,7 +197,8 @@ class GoodputPolicy:
         return totals
 
     def step_seconds(self, depth: int) -> float:
-        rows = (1 + self.nodes_per_level * depth) * (1 + self.appended_per_row)
+        appended_per_row = (self.appended_per_row or 0.0) if depth else 0.0  # no draft: a plain step
+        rows = (1 + self.nodes_per_level * depth) * (1 + appended_per_row)
         return self.one_token_seconds * self.curve(rows) + (self.draft_seconds_per_level or 0.0) * depth
 
     def record(self, depth: int, nodes: int, accepted: int, target_seconds: float, draft_seconds: float,
@@ -204,8 +219,8 @@ class GoodputPolicy:
             self.accepted[level - 1] += level <= accepted
         one_token = target_seconds / self.curve(1 + nodes + appended)
         self.one_token_seconds = self._average(self.one_token_seconds, one_token)
-        self.appended_per_row = (appended / (1 + nodes) if self._steps == 0
-                                 else self._average(self.appended_per_row, appended / (1 + nodes)))
+        if appended:
+            self.appended_per_row = self._average(self.appended_per_row, appended / (1 + nodes))
         self._steps += 1
         if depth:
             self.nodes_per_level = self._average(self.nodes_per_level, nodes / depth)

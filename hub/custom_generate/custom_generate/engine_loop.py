@@ -105,7 +105,7 @@ def speculative_generate(
             tree = drafter.propose(DraftRequest(input_ids, max_tokens, new_features, engine_sets_length))
             drafted = time.perf_counter()
             block_start = cache.get_seq_length()
-            appended = drafter.appended_rows(tree)
+            appended = drafter.appended_rows(tree, policy.drafts_next_step() if policy is not None else True)
             forward = forward_tree(model, cache, input_ids[0, -1], tree, features, appended)
             block_scores = process_block_scores(logits_processor, input_ids, tree, forward.logits)
             verdict = rule.verify(tree, block_scores)
