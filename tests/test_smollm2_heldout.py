@@ -13,8 +13,10 @@ only at a provable near-tie of plain decoding's top-2 logits, nothing else.
 
 Drafters: prompt lookup (chain and candidate tree), an 8-layer early exit of the target through
 ``DraftModelDrafter`` (chain, static top-k tree, EAGLE-2-style dynamic tree) and the committed Medusa
-heads (``artifacts/medusa-smollm2-135m-instruct``; static tree and dynamic tree) and the committed EAGLE-3 draft
-(``artifacts/eagle3-smollm2-135m-instruct``; dynamic tree and chain). Each drafter must
+heads (``artifacts/medusa-smollm2-135m-instruct``; static tree and dynamic tree), the committed EAGLE-3 draft
+(``artifacts/eagle3-smollm2-135m-instruct``; dynamic tree and chain) and the committed gated-LoRA MTP adapter
+(``artifacts/mtp-smollm2-135m-instruct``; quadratic and linear decoding, on a copy of the target that shares its
+weights). Each drafter must
 also have had drafts accepted on its prompts, so that the identity is not reached by rejecting everything.
 
 Runtime budget (CI: 2 cores, ~3 minutes for this file). One plain 128-token generation costs ~6 s
@@ -35,6 +37,7 @@ import pytest
 import torch
 
 import hf_spec
+from hf_spec.bench.methods import shared_weights_copy
 from hf_spec.demo import demo_prompts
 from hf_spec.drafters.early_exit import early_exit_model
 from tests.identity import assert_greedy_identical
@@ -45,6 +48,7 @@ MAX_NEW_TOKENS = 128 if FULL_MATRIX else 64
 EARLY_EXIT_LAYERS = 8
 TRAINED_MEDUSA = Path(__file__).resolve().parents[1] / "artifacts" / "medusa-smollm2-135m-instruct"
 TRAINED_EAGLE3 = Path(__file__).resolve().parents[1] / "artifacts" / "eagle3-smollm2-135m-instruct"
+TRAINED_MTP = Path(__file__).resolve().parents[1] / "artifacts" / "mtp-smollm2-135m-instruct"
 
 
 def user(text: str) -> list[dict]:
@@ -100,6 +104,11 @@ def eagle3_drafter(model, **options):
     return hf_spec.Eagle3Drafter.from_pretrained(TRAINED_EAGLE3, target=model, **options)
 
 
+def mtp_drafter(model, **options):
+    """On a copy of the target sharing its weights: the adapter wraps its target's linears in place."""
+    return hf_spec.MTPDrafter.from_pretrained(TRAINED_MTP, target=shared_weights_copy(model), **options)
+
+
 # name -> (drafter built from the target, extra generate() options, the prompts it runs on in CI)
 # prompt lookup runs with the library's cost-aware default; the rest with their own trees every step (at this CPU's
 # cost curve goodput drafts little with them, which would leave little to check)
@@ -109,14 +118,16 @@ DRAFTERS = {
     "lookup-chain": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8), GOODPUT, (3, 11, 15)),
     "lookup-tree": (lambda model: hf_spec.PromptLookupDrafter(max_ngram=3, num_tokens=8, max_candidates=4), GOODPUT,
                     (7, 13, 18)),
-    "early-exit-chain": (early_exit_drafter, FIXED, (0, 8)),
+    "early-exit-chain": (early_exit_drafter, FIXED, (0,)),
     "early-exit-static-tree": (lambda model: early_exit_drafter(model, tree="static", top_k=3), FIXED, (1, 9)),
     "early-exit-dynamic-tree": (lambda model: early_exit_drafter(model, tree="dynamic", top_k=3, tree_budget=12),
                                 FIXED, (4, 12)),
     "medusa-static-tree": (medusa_drafter, FIXED, (2, 10)),
     "medusa-dynamic-tree": (medusa_drafter, {**FIXED, "tree": "dynamic", "tree_budget": 12}, (5, 6)),
-    "eagle3-dynamic-tree": (eagle3_drafter, FIXED, (16, 17, 19)),
+    "eagle3-dynamic-tree": (eagle3_drafter, FIXED, (16, 17)),
     "eagle3-chain": (lambda model: eagle3_drafter(model, tree="chain", depth=4), FIXED, (14, 20)),
+    "mtp-quadratic": (mtp_drafter, FIXED, (8,)),
+    "mtp-linear": (lambda model: mtp_drafter(model, decoding="linear"), FIXED, (19,)),
 }
 
 
@@ -161,9 +172,10 @@ def test_every_drafter_is_greedy_identical_on_heldout_prompts(plain_greedy, name
     failures, accepted = [], 0
     for index in prompts_for(name):
         ids, expected = reference(index)
+        target = drafter.model if getattr(drafter, "wraps_target", False) else model
         with torch.inference_mode():
-            got = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, assistant_model=drafter,
-                                 **options)
+            got = target.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, assistant_model=drafter,
+                                  **options)
         accepted += drafter.stats.accepted_tokens  # the stats count one generate() call
         try:
             assert_greedy_identical(model, expected, got)
