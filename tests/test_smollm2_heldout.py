@@ -172,7 +172,7 @@ def test_every_drafter_is_greedy_identical_on_heldout_prompts(plain_greedy, name
     failures, accepted = [], 0
     for index in prompts_for(name):
         ids, expected = reference(index)
-        target = drafter.model if getattr(drafter, "wraps_target", False) else model
+        target = drafter.model if drafter.wraps_target else model
         with torch.inference_mode():
             got = target.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, assistant_model=drafter,
                                   **options)

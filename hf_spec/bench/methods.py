@@ -179,7 +179,7 @@ def hf_spec_method(name: str, target, drafter: Drafter, generation: dict, lossle
     """An hf_spec method: ``target.generate(assistant_model=drafter, ...)`` (a drafter that wraps the target decodes
     with its own copy, ``drafter.model``)."""
     extra = "".join(f", {key}={value!r}" for key, value in generate_kwargs.items())
-    own = drafter.model if getattr(drafter, "wraps_target", False) else None
+    own = drafter.model if drafter.wraps_target else None
     return Method(name, "hf_spec", _generate(own or target, generation, assistant_model=drafter, **generate_kwargs),
                   drafter, lossless, description=f"{drafter!r}{extra}", model=own)
 
@@ -261,7 +261,7 @@ def build_drafter(cls: type[Drafter], target, draft, constructor: str | None = N
                 raise NotApplicable("needs a draft model")
             kwargs[name] = draft
         elif name in TARGET_PARAMETERS:
-            kwargs[name] = shared_weights_copy(target) if getattr(cls, "wraps_target", False) else target
+            kwargs[name] = shared_weights_copy(target) if cls.wraps_target else target
         else:
             raise NotApplicable(f"{cls.__name__} needs {name}=...: name it as a spec such as "
                                 f"{cls.__name__}.from_pretrained(path_or_id='...'), or register a factory")

@@ -82,9 +82,12 @@ class Drafter(ABC):
 
     ``target_features``: target layers this drafter reads (``hf_spec.engine.features`` names, e.g.
     ``("final",)`` for Medusa, ``(2, n // 2, n - 3)`` for EAGLE-3); empty for none.
+    ``wraps_target``: building the drafter wrapped its target's layers in place (gated-LoRA MTP); generate with
+    ``drafter.model``, the model it wraps.
     """
 
     target_features: tuple = ()
+    wraps_target: bool = False
 
     def __init__(self):
         self.stats = GenerationStats()
